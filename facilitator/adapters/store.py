@@ -1,0 +1,325 @@
+"""PostgreSQL access (asyncpg) for settlement records, their timeline, and verification logs.
+
+Guarantees:
+- All SQL is parameterised (`$n`); no value is ever formatted into a statement.
+- `claim` is the only way a settlement row comes to exist, and the UNIQUE constraint on
+  (chain_id, asset, payer, nonce) makes it at-most-once across processes and restarts.
+- Every state change goes through a guarded UPDATE (`WHERE state = <expected>`), so a stale
+  writer changes nothing; the database trigger independently rejects illegal transitions.
+- Migrations apply in order, each in its own transaction, under an advisory lock, so concurrent
+  starters cannot apply one twice.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from facilitator.core.settlement import SettlementIntent, SettledBy, State
+
+MIGRATION_LOCK_KEY = 0x7834_3032  # "x402": serialises concurrent migrators
+_SETTLEMENT_COLUMNS = """id, public_id, scheme, x402_version, network, chain_id, asset, payer,
+    pay_to, amount, nonce, valid_after, valid_before, signature, fingerprint, call_to, calldata,
+    state, reason, message, settled_by, signer, signer_nonce, gas_limit, max_fee_per_gas, tx_hash,
+    raw_tx, block_number, block_hash, log_index, attempts, created_at, signed_at, broadcast_at,
+    included_at, confirmed_at, failed_at, updated_at"""
+
+
+def _b(hex_address: str) -> bytes:
+    return bytes.fromhex(hex_address[2:])
+
+
+def _h(raw: bytes | None) -> str | None:
+    return None if raw is None else "0x" + raw.hex()
+
+
+@dataclass(frozen=True, slots=True)
+class SettlementRow:
+    id: int
+    public_id: str
+    scheme: str
+    x402_version: int
+    network: str
+    chain_id: int
+    asset: str
+    payer: str
+    pay_to: str
+    amount: int
+    nonce: bytes
+    valid_after: int
+    valid_before: int
+    signature: bytes
+    fingerprint: bytes
+    call_to: str
+    calldata: bytes
+    state: State
+    reason: str | None
+    message: str | None
+    settled_by: str | None
+    signer: str | None
+    signer_nonce: int | None
+    gas_limit: int | None
+    max_fee_per_gas: int | None
+    tx_hash: bytes | None
+    raw_tx: bytes | None
+    block_number: int | None
+    block_hash: bytes | None
+    log_index: int | None
+    attempts: int
+    created_at: datetime
+    signed_at: datetime | None
+    broadcast_at: datetime | None
+    included_at: datetime | None
+    confirmed_at: datetime | None
+    failed_at: datetime | None
+    updated_at: datetime
+
+    @classmethod
+    def from_record(cls, rec: asyncpg.Record) -> SettlementRow:
+        values = dict(rec)
+        for key in ("asset", "payer", "pay_to", "call_to", "signer"):
+            values[key] = _h(values[key])
+        for key in ("amount", "valid_after", "valid_before", "max_fee_per_gas"):
+            if values[key] is not None:
+                values[key] = int(values[key])
+        values["public_id"] = str(values["public_id"])
+        values["state"] = State(values["state"])
+        return cls(**values)
+
+    @property
+    def tx_hash_hex(self) -> str:
+        return _h(self.tx_hash) or ""
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    row: SettlementRow
+    created: bool  # True when this call inserted the row
+
+
+@dataclass(frozen=True, slots=True)
+class Signed:
+    settlement_id: int
+    signer: str
+    signer_nonce: int
+    tx_hash: bytes
+    raw_tx: bytes
+    gas_limit: int
+    max_fee_per_gas: int
+
+
+@dataclass(frozen=True, slots=True)
+class Inclusion:
+    settlement_id: int
+    tx_hash: bytes
+    block_number: int
+    block_hash: bytes
+    log_index: int
+    settled_by: SettledBy
+
+
+class Store:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    @classmethod
+    async def connect(cls, dsn: str, *, min_size: int = 2, max_size: int = 20,
+                      command_timeout_s: float = 10.0) -> Store:
+        pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size,
+                                         command_timeout=command_timeout_s,
+                                         max_inactive_connection_lifetime=300.0)
+        assert pool is not None
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def ping(self) -> None:
+        await self.pool.fetchval("SELECT 1")
+
+    # -- migrations ---------------------------------------------------------------------------
+
+    async def migrate(self) -> list[str]:
+        """Apply pending migrations in name order; returns the names applied."""
+        applied: list[str] = []
+        async with self.pool.acquire() as conn:
+            await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+            try:
+                await conn.execute("""CREATE TABLE IF NOT EXISTS schema_migrations (
+                    name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())""")
+                done = {r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")}
+                for name, sql in _migration_files():
+                    if name in done:
+                        continue
+                    async with conn.transaction():
+                        await conn.execute(sql)
+                        await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", name)
+                    applied.append(name)
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
+        return applied
+
+    # -- settlement claims --------------------------------------------------------------------
+
+    async def claim(self, intent: SettlementIntent) -> Claim:
+        """Insert the write-ahead row for this authorization, or return the one that exists."""
+        values = _intent_values(intent)
+        rec = await self.pool.fetchrow(f"""
+            INSERT INTO settlements (scheme, x402_version, network, chain_id, asset, payer, pay_to,
+                amount, nonce, valid_after, valid_before, signature, fingerprint, call_to,
+                calldata, state)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, 'pending')
+            ON CONFLICT (chain_id, asset, payer, nonce) DO NOTHING
+            RETURNING {_SETTLEMENT_COLUMNS}""", *values)
+        if rec is not None:
+            return Claim(SettlementRow.from_record(rec), created=True)
+        existing = await self.pool.fetchrow(f"""
+            SELECT {_SETTLEMENT_COLUMNS} FROM settlements
+            WHERE chain_id = $1 AND asset = $2 AND payer = $3 AND nonce = $4""",
+            intent.chain_id, _b(intent.asset), _b(intent.payer), intent.nonce)
+        assert existing is not None, "a conflicting row must exist"
+        return Claim(SettlementRow.from_record(existing), created=False)
+
+    async def reclaim_failed(self, settlement_id: int, intent: SettlementIntent
+                             ) -> SettlementRow | None:
+        """failed -> pending for a new attempt (possibly with a new payload for the same
+        authorization nonce). Only one concurrent caller wins; the others get None."""
+        rec = await self.pool.fetchrow(f"""
+            UPDATE settlements SET state = 'pending', x402_version = $2, network = $3,
+                pay_to = $4, amount = $5, valid_after = $6, valid_before = $7, signature = $8,
+                fingerprint = $9, call_to = $10, calldata = $11, reason = NULL, message = NULL,
+                failed_at = NULL, tx_hash = NULL, raw_tx = NULL, signer = NULL,
+                signer_nonce = NULL, gas_limit = NULL, max_fee_per_gas = NULL,
+                signed_at = NULL, broadcast_at = NULL, attempts = attempts + 1
+            WHERE id = $1 AND state = 'failed'
+            RETURNING {_SETTLEMENT_COLUMNS}""",
+            settlement_id, intent.x402_version, intent.network, _b(intent.pay_to),
+            intent.amount, intent.valid_after, intent.valid_before, intent.signature,
+            intent.fingerprint, _b(intent.call_to), intent.calldata)
+        return None if rec is None else SettlementRow.from_record(rec)
+
+    # -- state transitions --------------------------------------------------------------------
+
+    async def mark_signed(self, batch: Sequence[Signed]) -> set[int]:
+        """pending -> signed for a batch, in one statement; returns the ids that moved."""
+        rows = await self.pool.fetch("""
+            UPDATE settlements s SET state = 'signed', signer = u.signer,
+                signer_nonce = u.signer_nonce, tx_hash = u.tx_hash, raw_tx = u.raw_tx,
+                gas_limit = u.gas_limit, max_fee_per_gas = u.max_fee, signed_at = clock_timestamp()
+            FROM unnest($1::bigint[], $2::bytea[], $3::bigint[], $4::bytea[], $5::bytea[],
+                        $6::bigint[], $7::numeric[])
+                 AS u(id, signer, signer_nonce, tx_hash, raw_tx, gas_limit, max_fee)
+            WHERE s.id = u.id AND s.state = 'pending'
+            RETURNING s.id""",
+            [b.settlement_id for b in batch], [_b(b.signer) for b in batch],
+            [b.signer_nonce for b in batch], [b.tx_hash for b in batch],
+            [b.raw_tx for b in batch], [b.gas_limit for b in batch],
+            [b.max_fee_per_gas for b in batch])
+        return {r["id"] for r in rows}
+
+    async def mark_broadcast(self, settlement_ids: Sequence[int]) -> set[int]:
+        rows = await self.pool.fetch("""
+            UPDATE settlements SET state = 'broadcast', broadcast_at = clock_timestamp()
+            WHERE id = ANY($1::bigint[]) AND state = 'signed' RETURNING id""", list(settlement_ids))
+        return {r["id"] for r in rows}
+
+    async def mark_included(self, batch: Sequence[Inclusion]) -> set[int]:
+        rows = await self.pool.fetch("""
+            UPDATE settlements s SET state = 'included', tx_hash = u.tx_hash,
+                block_number = u.block_number, block_hash = u.block_hash,
+                log_index = u.log_index, settled_by = u.settled_by,
+                included_at = clock_timestamp()
+            FROM unnest($1::bigint[], $2::bytea[], $3::bigint[], $4::bytea[], $5::int[],
+                        $6::text[]) AS u(id, tx_hash, block_number, block_hash, log_index, settled_by)
+            WHERE s.id = u.id AND s.state IN ('pending', 'signed', 'broadcast')
+            RETURNING s.id""",
+            [b.settlement_id for b in batch], [b.tx_hash for b in batch],
+            [b.block_number for b in batch], [b.block_hash for b in batch],
+            [b.log_index for b in batch], [str(b.settled_by) for b in batch])
+        return {r["id"] for r in rows}
+
+    async def mark_failed(self, settlement_id: int, reason: str, message: str,
+                          *, tx_hash: bytes | None = None, expired: bool = False) -> bool:
+        state = "expired" if expired else "failed"
+        result = await self.pool.execute("""
+            UPDATE settlements SET state = $2, reason = $3, message = $4,
+                tx_hash = COALESCE($5, tx_hash), failed_at = clock_timestamp()
+            WHERE id = $1 AND state IN ('pending', 'signed', 'broadcast')""",
+            settlement_id, state, reason, message[:1000], tx_hash)
+        return result.endswith(" 1")
+
+    async def mark_needs_resign(self, settlement_id: int) -> bool:
+        """signed|broadcast -> pending: these bytes can never be mined (their signer nonce was
+        taken by another transaction); the authorization needs a new transaction."""
+        result = await self.pool.execute("""
+            UPDATE settlements SET state = 'pending', raw_tx = NULL, signer_nonce = NULL,
+                signed_at = NULL, broadcast_at = NULL
+            WHERE id = $1 AND state IN ('signed', 'broadcast')""", settlement_id)
+        return result.endswith(" 1")
+
+    # -- reads --------------------------------------------------------------------------------
+
+    async def get(self, settlement_id: int) -> SettlementRow | None:
+        rec = await self.pool.fetchrow(
+            f"SELECT {_SETTLEMENT_COLUMNS} FROM settlements WHERE id = $1", settlement_id)
+        return None if rec is None else SettlementRow.from_record(rec)
+
+    async def find(self, key: str) -> SettlementRow | None:
+        """By public id (uuid) or by transaction hash (0x + 64 hex)."""
+        if key.startswith("0x") and len(key) == 66:
+            rec = await self.pool.fetchrow(
+                f"SELECT {_SETTLEMENT_COLUMNS} FROM settlements WHERE tx_hash = $1 "
+                "ORDER BY id DESC LIMIT 1", bytes.fromhex(key[2:]))
+        else:
+            rec = await self.pool.fetchrow(
+                f"SELECT {_SETTLEMENT_COLUMNS} FROM settlements WHERE public_id = $1::uuid", key)
+        return None if rec is None else SettlementRow.from_record(rec)
+
+    async def unfinished(self, chain_id: int) -> list[SettlementRow]:
+        """Rows a restarted process must finish: pending, signed and broadcast."""
+        recs = await self.pool.fetch(f"""
+            SELECT {_SETTLEMENT_COLUMNS} FROM settlements
+            WHERE chain_id = $1 AND state IN ('pending', 'signed', 'broadcast') ORDER BY id""",
+            chain_id)
+        return [SettlementRow.from_record(r) for r in recs]
+
+    async def max_signer_nonce(self, chain_id: int, signer: str) -> int | None:
+        return await self.pool.fetchval("""
+            SELECT max(signer_nonce) FROM settlements
+            WHERE chain_id = $1 AND signer = $2 AND state IN ('signed', 'broadcast')""",
+            chain_id, _b(signer))
+
+    async def timeline(self, settlement_id: int) -> list[dict[str, Any]]:
+        recs = await self.pool.fetch("""
+            SELECT at, from_state, to_state, reason, tx_hash, block_number FROM settlement_events
+            WHERE settlement_id = $1 ORDER BY id""", settlement_id)
+        return [dict(r) for r in recs]
+
+    # -- verification log ---------------------------------------------------------------------
+
+    async def record_verifications(self, records: Sequence[tuple[Any, ...]]) -> None:
+        await self.pool.copy_records_to_table(
+            "verifications", records=list(records), columns=VERIFICATION_COLUMNS)
+
+
+VERIFICATION_COLUMNS = ("at", "endpoint", "request_id", "scheme", "x402_version", "network",
+                        "payer", "pay_to", "asset", "amount", "nonce", "valid_before",
+                        "fingerprint", "is_valid", "reason")
+
+
+def _intent_values(intent: SettlementIntent) -> tuple[Any, ...]:
+    return (intent.scheme, intent.x402_version, intent.network, intent.chain_id,
+            _b(intent.asset), _b(intent.payer), _b(intent.pay_to), intent.amount, intent.nonce,
+            intent.valid_after, intent.valid_before, intent.signature, intent.fingerprint,
+            _b(intent.call_to), intent.calldata)
+
+
+def _migration_files() -> list[tuple[str, str]]:
+    folder = importlib.resources.files("facilitator.adapters") / "migrations"
+    files = sorted((p.name, p.read_text()) for p in folder.iterdir() if p.name.endswith(".sql"))
+    return files

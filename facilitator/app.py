@@ -1,0 +1,217 @@
+"""Wiring: builds the running service from `Settings` — adapters, services, background tasks and
+the HTTP server — and tears it down in the reverse order.
+
+Start-up fails fast: migrations, database reachability, each RPC's chain id and the signer's
+nonce are checked before the port opens. Every background task is owned here and cancelled on
+stop; a task that dies unexpectedly is logged as critical.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from facilitator.adapters.jsonrpc import JsonRpcClient
+from facilitator.adapters.metrics import Metrics
+from facilitator.adapters.store import Store
+from facilitator.config import NetworkSettings, Settings
+from facilitator.http.app import build_http_app
+from facilitator.protocol.networks import NetworkRegistry
+from facilitator.schemes.exact import ExactEip3009Scheme
+from facilitator.services.broadcaster import Broadcaster, GasPolicy
+from facilitator.services.facilitator import FacilitatorService, NetworkServices
+from facilitator.services.outcomes import OutcomeBoard
+from facilitator.services.recorder import VerificationRecorder
+from facilitator.services.settler import SettlePolicy, Settler
+from facilitator.services.tracker import Tracker
+
+log = logging.getLogger("facilitator.app")
+
+
+class StartupError(RuntimeError):
+    pass
+
+
+@dataclass
+class _NetworkRuntime:
+    settings: NetworkSettings
+    chain: JsonRpcClient
+    broadcaster: Broadcaster
+    tracker: Tracker
+    settler: Settler
+    scheme: ExactEip3009Scheme
+
+
+@dataclass
+class Facilitator:
+    settings: Settings
+    metrics: Metrics
+    store: Store
+    service: FacilitatorService
+    recorder: VerificationRecorder
+    networks: dict[str, _NetworkRuntime]
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _runner: web.AppRunner | None = None
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.settings.host}:{self.port}"
+
+    @classmethod
+    async def create(cls, settings: Settings) -> Facilitator:
+        metrics = Metrics()
+        store = await Store.connect(settings.database_url.reveal(), max_size=settings.db_pool_size)
+        try:
+            await store.migrate()
+        except Exception:
+            await store.close()
+            raise
+        recorder = VerificationRecorder(store, metrics)
+        runtimes = {ns.network.key: _build_network(ns, settings, store, metrics)
+                    for ns in settings.networks}
+        service = FacilitatorService(
+            registry=NetworkRegistry(tuple(ns.network for ns in settings.networks)),
+            services={k: NetworkServices(r.settings.network, r.scheme, r.settler)
+                      for k, r in runtimes.items()},
+            recorder=recorder, metrics=metrics, signer_address=settings.signer_key.address)
+        return cls(settings=settings, metrics=metrics, store=store, service=service,
+                   recorder=recorder, networks=runtimes)
+
+    async def start(self) -> None:
+        for runtime in self.networks.values():
+            await runtime.chain.start()
+            await _check_chain_id(runtime)
+            await runtime.broadcaster.start()
+            await runtime.settler.recover()
+            self._spawn(runtime.broadcaster.run(), f"broadcaster:{runtime.settings.network.key}")
+            self._spawn(runtime.tracker.run(), f"tracker:{runtime.settings.network.key}")
+        self._spawn(self.recorder.run(), "recorder")
+        app = build_http_app(self.service, self.metrics, self.readiness, self.settlement_status)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.settings.host, self.settings.port,
+                           reuse_address=True, backlog=1024)
+        await site.start()
+        self.port = _bound_port(self._runner) or self.settings.port
+        log.info("Facilitator listening on %s (signer %s)", self.url,
+                 self.settings.signer_key.address)
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        task.add_done_callback(_report_death)
+        self._tasks.append(task)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        await self.recorder.close()
+        for runtime in self.networks.values():
+            await runtime.chain.close()
+        await self.store.close()
+
+    async def readiness(self) -> dict[str, Any]:
+        checks: dict[str, str] = {}
+        try:
+            await asyncio.wait_for(self.store.ping(), 2.0)
+            checks["database"] = "ok"
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            checks["database"] = f"unavailable: {type(exc).__name__}"
+        for key, runtime in self.networks.items():
+            try:
+                await asyncio.wait_for(_check_chain_id(runtime), 3.0)
+                checks[f"rpc:{key}"] = "ok"
+            except Exception as exc:  # noqa: BLE001
+                checks[f"rpc:{key}"] = f"unavailable: {type(exc).__name__}"
+        pool = self.store.pool
+        self.metrics.db_pool_connections.labels("max").set(pool.get_max_size())
+        self.metrics.db_pool_connections.labels("idle").set(pool.get_idle_size())
+        self.metrics.db_pool_connections.labels("in_use").set(pool.get_size() - pool.get_idle_size())
+        return {"ready": all(v == "ok" for v in checks.values()), "checks": checks}
+
+    async def settlement_status(self, key: str) -> dict[str, Any] | None:
+        row = await self.store.find(key)
+        if row is None:
+            return None
+        timeline = await self.store.timeline(row.id)
+        runtime = next((r for r in self.networks.values()
+                        if r.settings.network.chain_id == row.chain_id), None)
+        head = None
+        if runtime is not None and row.block_number is not None:
+            try:
+                head = int(await runtime.chain.request("eth_blockNumber", []), 16)
+            except Exception:  # noqa: BLE001 - confirmations are best effort here
+                head = None
+        return _status_body(row, timeline, head)
+
+
+def _build_network(ns: NetworkSettings, settings: Settings, store: Store, metrics: Metrics
+                   ) -> _NetworkRuntime:
+    network = ns.network
+    chain = JsonRpcClient([u.reveal() for u in ns.rpc_urls], chain=network.key, metrics=metrics,
+                          timeout_s=settings.rpc_timeout_s)
+    board = OutcomeBoard()
+    scheme = ExactEip3009Scheme(network=network, chain=chain,
+                                facilitator_address=settings.signer_key.address.lower())
+    broadcaster = Broadcaster(
+        network=network, chain=chain, store=store, key=settings.signer_key, board=board,
+        metrics=metrics, policy=GasPolicy(
+            gas_limit_cap=settings.gas_limit_cap,
+            max_fee_per_gas_cap_wei=settings.max_fee_per_gas_cap_wei,
+            priority_fee_wei=settings.priority_fee_wei))
+    tracker = Tracker(network=network, chain=chain, store=store, board=board, metrics=metrics)
+    settler = Settler(scheme=scheme, chain=chain, store=store, board=board,
+                      broadcaster=broadcaster, tracker=tracker, metrics=metrics,
+                      policy=SettlePolicy(receipt_timeout_s=settings.receipt_timeout_s,
+                                          gas_limit_cap=settings.gas_limit_cap))
+    return _NetworkRuntime(ns, chain, broadcaster, tracker, settler, scheme)
+
+
+async def _check_chain_id(runtime: _NetworkRuntime) -> None:
+    expected = runtime.settings.network.chain_id
+    actual = int(await runtime.chain.request("eth_chainId", []), 16)
+    if actual != expected:
+        raise StartupError(f"RPC for {runtime.settings.network.key} serves chain {actual}, "
+                           f"expected {expected}")
+
+
+def _bound_port(runner: web.AppRunner) -> int | None:
+    for site in runner.sites:
+        server = getattr(site, "_server", None)
+        if server is not None and server.sockets:
+            return int(server.sockets[0].getsockname()[1])
+    return None
+
+
+def _report_death(task: asyncio.Task[None]) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        log.critical("background task %s died: %r", task.get_name(), exc)
+
+
+def _status_body(row: Any, timeline: list[dict[str, Any]], head: int | None) -> dict[str, Any]:
+    confirmations = None
+    if head is not None and row.block_number is not None and row.state in ("included", "confirmed"):
+        confirmations = max(head - row.block_number + 1, 0)
+    return {
+        "id": row.public_id, "state": str(row.state), "scheme": row.scheme,
+        "network": row.network, "chainId": row.chain_id, "asset": row.asset, "payer": row.payer,
+        "payTo": row.pay_to, "amount": str(row.amount), "transaction": row.tx_hash_hex or None,
+        "blockNumber": row.block_number, "confirmations": confirmations,
+        "settledBy": row.settled_by, "reason": row.reason, "message": row.message,
+        "timeline": [{"at": e["at"].isoformat(), "from": e["from_state"], "to": e["to_state"],
+                      "reason": e["reason"],
+                      "transaction": "0x" + e["tx_hash"].hex() if e["tx_hash"] else None}
+                     for e in timeline],
+    }

@@ -1,0 +1,102 @@
+"""`facilitator` command line: serve, devnet, migrate.
+
+Exit codes: 0 on a clean stop, 2 when the configuration is invalid (the message names the
+setting), 1 on any other start-up failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+
+from facilitator.adapters.logging import configure_logging
+from facilitator.config import ConfigError, load_settings
+
+log = logging.getLogger("facilitator.cli")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="facilitator", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="run the facilitator against the configured chains and database")
+    sub.add_parser("migrate", help="apply database migrations (DATABASE_URL) and exit")
+    devnet = sub.add_parser("devnet", help="run a local devnet with the facilitator on it")
+    devnet.add_argument("--port", type=int, default=4022, help="facilitator port (4022)")
+    devnet.add_argument("--rpc-port", type=int, default=8545, help="anvil port (8545)")
+    devnet.add_argument("--block-time", type=float, default=None,
+                        help="seconds per block (default: a block per transaction)")
+    args = parser.parse_args(argv)
+    try:
+        return asyncio.run(_COMMANDS[args.command](args))
+    except ConfigError as exc:
+        print(f"facilitator: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from facilitator.app import Facilitator
+
+    settings = load_settings()
+    configure_logging(settings.log_level, settings.log_format, settings.secrets)
+    service = await Facilitator.create(settings)
+    await service.start()
+    await _until_signalled()
+    await service.stop()
+    return 0
+
+
+async def _migrate(args: argparse.Namespace) -> int:
+    from facilitator.adapters.store import Store
+
+    configure_logging("INFO", "text")
+    dsn = os.environ.get("DATABASE_URL", "")
+    if not dsn:
+        raise ConfigError("DATABASE_URL is required")
+    store = await Store.connect(dsn, min_size=1, max_size=2)
+    try:
+        applied = await store.migrate()
+    finally:
+        await store.close()
+    print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none pending'}")
+    return 0
+
+
+async def _devnet(args: argparse.Namespace) -> int:
+    from facilitator.devnet.run import Devnet
+
+    configure_logging(os.environ.get("FACILITATOR_LOG_LEVEL", "INFO"), "text")
+    devnet = Devnet(port=args.port, rpc_port=args.rpc_port, block_time_s=args.block_time)
+    try:
+        manifest = await devnet.start()
+        print(json.dumps(manifest, indent=2), flush=True)
+        print(f"devnet ready: facilitator {manifest['facilitator']['url']}, chain "
+              f"{manifest['rpcUrl']}; manifest in .devnet/manifest.json; Ctrl-C stops it",
+              flush=True)
+        await _until_signalled()
+    finally:
+        await devnet.stop()
+    return 0
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], Awaitable[int]]] = {
+    "serve": _serve, "migrate": _migrate, "devnet": _devnet,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

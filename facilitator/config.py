@@ -1,0 +1,294 @@
+"""Configuration: one frozen, typed `Settings` object, read once at start.
+
+Sources, highest precedence first: environment variables, then an optional TOML file named by
+`FACILITATOR_CONFIG` (non-secret settings only: it is refused if it holds a secret), then
+defaults. The variable reference is in README.md ("Configuration").
+
+Guarantees: a missing or invalid setting raises `ConfigError` whose message names the variable
+(or TOML key) and what was expected, and never contains a secret's value. Secrets (signer key,
+database URL, RPC URLs, which may embed API keys) are wrapped so `repr` shows only a mask.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from facilitator.adapters.signer import SignerKey, SignerKeyError
+from facilitator.protocol.fields import BadRequest, address
+from facilitator.protocol.networks import BASE_SEPOLIA, Asset, Network, TransferMethod
+
+GWEI = 10**9
+_SECRET_TOML_KEYS = frozenset({"database_url", "signer_key", "rpc_urls"})
+
+
+class ConfigError(ValueError):
+    """A setting is missing or invalid; the message names it."""
+
+
+class Secret:
+    """A string that must not be shown: `repr`/`str` print a mask."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    network: Network
+    rpc_urls: tuple[Secret, ...]
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str
+    port: int
+    database_url: Secret
+    signer_key: SignerKey
+    networks: tuple[NetworkSettings, ...]
+    receipt_timeout_s: float = 15.0
+    gas_limit_cap: int = 300_000
+    max_fee_per_gas_cap_wei: int = 50 * GWEI
+    priority_fee_wei: int = GWEI // 1000
+    rpc_timeout_s: float = 5.0
+    db_pool_size: int = 20
+    log_level: str = "INFO"
+    log_format: str = "json"
+    secrets: tuple[str, ...] = field(default=(), repr=False)  # values the log filter redacts
+
+
+class _Reader:
+    """Typed lookups that name the variable on failure: env first, then TOML, then default."""
+
+    def __init__(self, env: Mapping[str, str], toml: Mapping[str, Any]) -> None:
+        self.env = env
+        self.toml = toml
+
+    def _raw(self, var: str, toml_path: str | None) -> tuple[Any, str] | None:
+        if self.env.get(var, "") != "":
+            return self.env[var], var
+        if toml_path:
+            node: Any = self.toml
+            for part in toml_path.split("."):
+                if not isinstance(node, Mapping) or part not in node:
+                    return None
+                node = node[part]
+            return node, f"{toml_path} (in FACILITATOR_CONFIG)"
+        return None
+
+    def text(self, var: str, default: str | None = None, toml: str | None = None) -> str:
+        found = self._raw(var, toml)
+        if found is None:
+            if default is None:
+                raise ConfigError(f"{var} is required")
+            return default
+        value, name = found
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"{name} must be a non-empty string")
+        return value.strip()
+
+    def integer(self, var: str, default: int, toml: str | None = None, *, low: int = 0,
+                high: int = 2**63 - 1) -> int:
+        found = self._raw(var, toml)
+        if found is None:
+            return default
+        value, name = found
+        try:
+            number = int(str(value).strip(), 10)
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer, got {str(value)[:40]!r}") from None
+        if not low <= number <= high:
+            raise ConfigError(f"{name} must be between {low} and {high}, got {number}")
+        return number
+
+    def number(self, var: str, default: float, toml: str | None = None, *, low: float = 0.0,
+               high: float = 1e12) -> float:
+        found = self._raw(var, toml)
+        if found is None:
+            return default
+        value, name = found
+        try:
+            number = float(str(value).strip())
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {str(value)[:40]!r}") from None
+        if not low <= number <= high:
+            raise ConfigError(f"{name} must be between {low} and {high}, got {number}")
+        return number
+
+    def choice(self, var: str, default: str, options: tuple[str, ...], toml: str | None = None
+               ) -> str:
+        value = self.text(var, default, toml)
+        if value not in options:
+            raise ConfigError(f"{var} must be one of {', '.join(options)}, got {value[:40]!r}")
+        return value
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    env = dict(os.environ if env is None else env)
+    toml = _load_toml(env.get("FACILITATOR_CONFIG", ""))
+    read = _Reader(env, toml)
+    key = _signer_key(env)
+    database_url = Secret(read.text("DATABASE_URL"))
+    networks = _networks(env, toml)
+    secrets = [database_url.reveal()] + [u.reveal() for n in networks for u in n.rpc_urls]
+    return Settings(
+        host=read.text("FACILITATOR_HOST", "127.0.0.1", "server.host"),
+        port=read.integer("FACILITATOR_PORT", 4022, "server.port", low=1, high=65535),
+        database_url=database_url,
+        signer_key=key,
+        networks=networks,
+        receipt_timeout_s=read.number("FACILITATOR_RECEIPT_TIMEOUT_S", 15.0,
+                                      "settlement.receipt_timeout_s", low=0.1, high=600),
+        gas_limit_cap=read.integer("FACILITATOR_GAS_LIMIT_CAP", 300_000,
+                                   "settlement.gas_limit_cap", low=21_000, high=30_000_000),
+        max_fee_per_gas_cap_wei=int(read.number(
+            "FACILITATOR_MAX_FEE_GWEI", 50.0, "settlement.max_fee_gwei", low=1e-9,
+            high=100_000) * GWEI),
+        priority_fee_wei=int(read.number(
+            "FACILITATOR_PRIORITY_FEE_GWEI", 0.001, "settlement.priority_fee_gwei", low=0,
+            high=10_000) * GWEI),
+        rpc_timeout_s=read.number("FACILITATOR_RPC_TIMEOUT_S", 5.0, "rpc.timeout_s",
+                                  low=0.1, high=120),
+        db_pool_size=read.integer("FACILITATOR_DB_POOL_SIZE", 20, "database.pool_size",
+                                  low=2, high=500),
+        log_level=read.choice("FACILITATOR_LOG_LEVEL", "INFO",
+                              ("DEBUG", "INFO", "WARNING", "ERROR"), "logging.level"),
+        log_format=read.choice("FACILITATOR_LOG_FORMAT", "json", ("json", "text"),
+                               "logging.format"),
+        secrets=tuple(s for s in secrets if s),
+    )
+
+
+def _load_toml(path: str) -> Mapping[str, Any]:
+    if not path:
+        return {}
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"FACILITATOR_CONFIG: cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"FACILITATOR_CONFIG: {path} is not valid TOML: {exc}") from None
+    leaked = _SECRET_TOML_KEYS & _all_keys(data)
+    if leaked:
+        raise ConfigError(f"FACILITATOR_CONFIG: secrets ({', '.join(sorted(leaked))}) belong in "
+                          "environment variables, not in the TOML file")
+    return data
+
+
+def _all_keys(node: Any) -> set[str]:
+    if isinstance(node, Mapping):
+        return set(node) | {k for v in node.values() for k in _all_keys(v)}
+    if isinstance(node, list):
+        return {k for v in node for k in _all_keys(v)}
+    return set()
+
+
+def _signer_key(env: Mapping[str, str]) -> SignerKey:
+    try:
+        if env.get("FACILITATOR_SIGNER_KEY"):
+            return SignerKey.from_hex(env["FACILITATOR_SIGNER_KEY"])
+        if env.get("FACILITATOR_SIGNER_KEY_FILE"):
+            return SignerKey.from_file(Path(env["FACILITATOR_SIGNER_KEY_FILE"]))
+    except SignerKeyError as exc:
+        var = "FACILITATOR_SIGNER_KEY" if env.get("FACILITATOR_SIGNER_KEY") else \
+            "FACILITATOR_SIGNER_KEY_FILE"
+        raise ConfigError(f"{var}: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"FACILITATOR_SIGNER_KEY_FILE: cannot read it: {exc.strerror}") from None
+    raise ConfigError("FACILITATOR_SIGNER_KEY or FACILITATOR_SIGNER_KEY_FILE is required")
+
+
+def _networks(env: Mapping[str, str], toml: Mapping[str, Any]) -> tuple[NetworkSettings, ...]:
+    tables = toml.get("networks")
+    if tables is None:
+        confirmations = _Reader(env, {}).integer("FACILITATOR_CONFIRMATIONS",
+                                                 BASE_SEPOLIA.confirmations, low=0, high=10_000)
+        network = Network(key=BASE_SEPOLIA.key, chain_id=BASE_SEPOLIA.chain_id,
+                          v1_name=BASE_SEPOLIA.v1_name, assets=BASE_SEPOLIA.assets,
+                          confirmations=confirmations)
+        return (NetworkSettings(network, _rpc_urls(env, "FACILITATOR_RPC_URLS")),)
+    if not isinstance(tables, list) or not tables:
+        raise ConfigError("networks (in FACILITATOR_CONFIG) must be a non-empty array of tables")
+    return tuple(_network(env, t, i) for i, t in enumerate(tables))
+
+
+def _network(env: Mapping[str, str], table: Any, index: int) -> NetworkSettings:
+    where = f"networks[{index}]"
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{where} must be a table")
+    key = _toml_str(table, "key", where)
+    if not re.fullmatch(r"[a-z0-9-]{1,32}", key):
+        raise ConfigError(f"{where}.key must match [a-z0-9-]{{1,32}}")
+    chain_id = _toml_int(table, "chain_id", where, low=1)
+    assets = table.get("assets", [])
+    if not isinstance(assets, list) or not assets:
+        raise ConfigError(f"{where}.assets must be a non-empty array of tables")
+    network = Network(
+        key=key, chain_id=chain_id, v1_name=table.get("v1_name"),
+        assets=tuple(_asset(a, f"{where}.assets[{i}]") for i, a in enumerate(assets)),
+        confirmations=_toml_int(table, "confirmations", where, low=0, default=10))
+    env_var = table.get("rpc_urls_env") or "FACILITATOR_RPC_URLS_" + key.upper().replace("-", "_")
+    return NetworkSettings(network, _rpc_urls(env, str(env_var)))
+
+
+def _asset(table: Any, where: str) -> Asset:
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{where} must be a table")
+    try:
+        addr = address(table.get("address"), f"{where}.address")
+    except BadRequest as exc:
+        raise ConfigError(str(exc)) from None
+    method = table.get("transfer_method", "eip3009")
+    if method not in {m.value for m in TransferMethod}:
+        raise ConfigError(f"{where}.transfer_method must be eip3009 or permit2")
+    return Asset(address=addr, eip712_name=_toml_str(table, "name", where),
+                 eip712_version=_toml_str(table, "version", where),
+                 decimals=_toml_int(table, "decimals", where, low=0, default=18),
+                 symbol=str(table.get("symbol", "")), transfer_method=TransferMethod(method))
+
+
+def _rpc_urls(env: Mapping[str, str], var: str) -> tuple[Secret, ...]:
+    raw = env.get(var, "")
+    urls = [u.strip() for u in raw.split(",") if u.strip()]
+    if not urls:
+        raise ConfigError(f"{var} is required: comma-separated JSON-RPC URLs")
+    for i, url in enumerate(urls):
+        if not re.match(r"https?://[^\s/]+", url):
+            raise ConfigError(f"{var}: URL #{i + 1} must start with http:// or https://")
+    return tuple(Secret(u) for u in urls)
+
+
+def _toml_str(table: Mapping[str, Any], key: str, where: str) -> str:
+    value = table.get(key)
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}.{key} must be a non-empty string")
+    return value
+
+
+def _toml_int(table: Mapping[str, Any], key: str, where: str, *, low: int,
+              default: int | None = None) -> int:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{where}.{key} must be an integer >= {low}")
+    return value

@@ -1,0 +1,100 @@
+"""ABI encoding of the contract calls we make and decoding of what comes back. Pure.
+
+Hand-rolled for the handful of fixed signatures on the hot path (eth_abi costs tens of
+microseconds per call); `tests/unit/test_abi.py` pins each encoder to eth_abi's output.
+"""
+
+from __future__ import annotations
+
+from eth_abi import decode as abi_decode
+from eth_hash.auto import keccak
+
+from facilitator.core.eip712 import address_word, word
+
+
+def selector(signature: str) -> bytes:
+    return keccak(signature.encode())[:4]
+
+
+BALANCE_OF = selector("balanceOf(address)")
+ALLOWANCE = selector("allowance(address,address)")
+AUTHORIZATION_STATE = selector("authorizationState(address,bytes32)")
+NAME = selector("name()")
+VERSION = selector("version()")
+IS_VALID_SIGNATURE = selector("isValidSignature(bytes32,bytes)")
+TRANSFER_WITH_AUTHORIZATION_VRS = selector(
+    "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,uint8,bytes32,bytes32)")
+TRANSFER_WITH_AUTHORIZATION_BYTES = selector(
+    "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,bytes)")
+
+ERC1271_MAGIC = bytes.fromhex("1626ba7e")
+TRANSFER_TOPIC = keccak(b"Transfer(address,address,uint256)")
+AUTHORIZATION_USED_TOPIC = keccak(b"AuthorizationUsed(address,bytes32)")
+ERROR_STRING_SELECTOR = selector("Error(string)")
+PANIC_SELECTOR = selector("Panic(uint256)")
+
+
+def dynamic_bytes(data: bytes) -> bytes:
+    """Tail encoding of a `bytes` value: length word, then data padded to 32 bytes."""
+    padding = (-len(data)) % 32
+    return word(len(data)) + data + bytes(padding)
+
+
+def balance_of(owner: str) -> bytes:
+    return BALANCE_OF + address_word(owner)
+
+
+def allowance(owner: str, spender: str) -> bytes:
+    return ALLOWANCE + address_word(owner) + address_word(spender)
+
+
+def authorization_state(authorizer: str, nonce: bytes) -> bytes:
+    return AUTHORIZATION_STATE + address_word(authorizer) + nonce
+
+
+def is_valid_signature(digest: bytes, signature: bytes) -> bytes:
+    return IS_VALID_SIGNATURE + digest + word(64) + dynamic_bytes(signature)
+
+
+def transfer_with_authorization(
+    payer: str, pay_to: str, value: int, valid_after: int, valid_before: int, nonce: bytes,
+    signature: bytes,
+) -> bytes:
+    """EIP-3009 call data: the (v, r, s) overload for 65-byte EOA signatures (every USDC
+    version has it), the `bytes` overload for anything else (ERC-1271 wallets)."""
+    head = (address_word(payer) + address_word(pay_to) + word(value) + word(valid_after)
+            + word(valid_before) + nonce)
+    if len(signature) == 65:
+        v = signature[64] + 27 if signature[64] < 27 else signature[64]
+        return TRANSFER_WITH_AUTHORIZATION_VRS + head + word(v) + signature[:32] + signature[32:64]
+    return TRANSFER_WITH_AUTHORIZATION_BYTES + head + word(7 * 32) + dynamic_bytes(signature)
+
+
+def decode_uint(result: str) -> int:
+    raw = bytes.fromhex(result[2:])
+    if len(raw) < 32:
+        raise ValueError("short uint256 return data")
+    return int.from_bytes(raw[:32], "big")
+
+
+def decode_bool(result: str) -> bool:
+    return decode_uint(result) != 0
+
+
+def decode_string(result: str) -> str:
+    return str(abi_decode(["string"], bytes.fromhex(result[2:]))[0])
+
+
+def decode_revert(data: object, message: str) -> str:
+    """Human revert reason from an eth_call error's `data` (Error(string), Panic) or message."""
+    if isinstance(data, str) and data.startswith("0x") and len(data) >= 10:
+        raw = bytes.fromhex(data[2:])
+        try:
+            if raw[:4] == ERROR_STRING_SELECTOR:
+                return str(abi_decode(["string"], raw[4:])[0])
+            if raw[:4] == PANIC_SELECTOR:
+                return f"panic 0x{abi_decode(['uint256'], raw[4:])[0]:02x}"
+        except Exception:  # noqa: BLE001 - undecodable revert data falls back to the message
+            pass
+        return f"custom error 0x{raw[:4].hex()}"
+    return message

@@ -1,0 +1,247 @@
+"""The x402 `exact` scheme on EVM, EIP-3009 `transferWithAuthorization` (USDC-like tokens).
+
+Verification is two stages. First the pure checks of `facilitator.core.exact` (no RPC at all
+until they pass). Then one batched JSON-RPC round trip that answers, in this precedence:
+
+  1. ERC-1271 signature (only when ECDSA did not match): the payer has code and its
+     `isValidSignature(digest, sig)` returns the magic value
+  2. the asset has code (positive answers cached, as the SDK does, for 15 minutes)
+  3. `authorizationState(payer, nonce)` is callable and false
+  4. `balanceOf(payer) >= value`
+  5. the transfer itself succeeds: `eth_call` for /verify, `eth_estimateGas` for /settle
+     (which also sizes the gas limit). A revert is mapped as the SDK maps it; an unexplained one
+     is diagnosed with `name()`/`version()` in a second round trip, as the SDK's multicall does.
+
+Guarantees: the same request gets the same verdict at the same chain state and time; a chain
+that cannot be reached yields `unexpected_verify_error`, never a payment-state reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from facilitator.core import abi
+from facilitator.core.exact import (
+    ExactContext,
+    Rejection,
+    SignatureCheck,
+    authorization_digest,
+    check_offchain,
+    check_signature,
+    classify_transfer_revert,
+)
+from facilitator.core.settlement import SettlementIntent
+from facilitator.protocol.eip3009 import Eip3009Payload, parse_eip3009_payload
+from facilitator.protocol.fields import to_checksum
+from facilitator.protocol.messages import PaymentRequest
+from facilitator.protocol.networks import Network
+from facilitator.protocol.reasons import Reason
+from facilitator.ports import Chain, RpcError
+
+ASSET_CODE_TTL_S = 900.0
+ASSET_CODE_CACHE_MAX = 4096
+GAS_HEADROOM = 1.25  # estimate * headroom: EIP-3009 gas varies with storage state
+
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """A payment that passed every off-chain check."""
+
+    intent: SettlementIntent
+    digest: bytes
+    signature_check: SignatureCheck
+    payer: str  # checksummed, for responses
+    domain: tuple[str, str]  # the EIP-712 (name, version) the payer signed under
+
+
+@dataclass(frozen=True, slots=True)
+class ChainApproval:
+    gas_estimate: int | None  # set for settlement checks
+
+
+def fingerprint(chain_id: int, asset: str, payment: Eip3009Payload) -> bytes:
+    """Identity of the signed payment: two requests with equal fingerprints are the same payment.
+    `v` is normalised so 0/1 and 27/28 encodings of one signature are one payment."""
+    auth, sig = payment.authorization, payment.signature
+    if len(sig) == 65 and sig[64] < 27:
+        sig = sig[:64] + bytes([sig[64] + 27])
+    parts = ["exact", str(chain_id), asset, auth.payer, auth.pay_to, str(auth.value),
+             str(auth.valid_after), str(auth.valid_before), auth.nonce.hex(), sig.hex()]
+    return hashlib.sha256("|".join(parts).encode()).digest()
+
+
+class ExactEip3009Scheme:
+    scheme = "exact"
+
+    def __init__(self, *, network: Network, chain: Chain, facilitator_address: str,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.network = network
+        self._chain = chain
+        self._facilitator = facilitator_address
+        self._clock = clock
+        self._asset_code_seen: dict[str, float] = {}
+
+    def check_offchain(self, request: PaymentRequest) -> Rejection | Checked:
+        """Pure checks and ECDSA. Raises `BadRequest` for a malformed payload."""
+        payment = parse_eip3009_payload(request.payload)
+        ctx = ExactContext(request=request, payment=payment, chain_id=self.network.chain_id,
+                           now=int(self._clock()))
+        rejection = check_offchain(ctx)
+        if rejection is not None:
+            return rejection
+        digest = authorization_digest(ctx)
+        signature_check = check_signature(digest, payment)
+        if signature_check is SignatureCheck.COUNTERFACTUAL_WALLET:
+            return Rejection(Reason.FACTORY_NOT_ALLOWED,
+                             "ERC-6492 wallet deployment is not allowed by this facilitator")
+        return Checked(intent=self._intent(request, payment), digest=digest,
+                       signature_check=signature_check,
+                       payer=to_checksum(payment.authorization.payer),
+                       domain=(request.requirements.extra["name"],
+                               request.requirements.extra["version"]))
+
+    def _intent(self, request: PaymentRequest, payment: Eip3009Payload) -> SettlementIntent:
+        auth, asset = payment.authorization, request.requirements.asset
+        return SettlementIntent(
+            scheme=self.scheme, x402_version=request.version, network=request.network,
+            chain_id=self.network.chain_id, asset=asset, payer=auth.payer, pay_to=auth.pay_to,
+            amount=auth.value, nonce=auth.nonce, valid_after=auth.valid_after,
+            valid_before=auth.valid_before, signature=payment.signature,
+            fingerprint=fingerprint(self.network.chain_id, asset, payment), call_to=asset,
+            calldata=abi.transfer_with_authorization(
+                auth.payer, auth.pay_to, auth.value, auth.valid_after, auth.valid_before,
+                auth.nonce, payment.signature))
+
+    async def check_onchain(self, checked: Checked, *, for_settle: bool) -> Rejection | ChainApproval:
+        """One batched round trip. Raises `RpcUnavailable` when the chain cannot be reached."""
+        calls, slots = self._onchain_calls(checked, for_settle)
+        results = await self._chain.request_many(calls)
+        answer = dict(zip(slots, results, strict=True))
+        verdict = (self._judge_signature(answer) or self._judge_asset(checked, answer)
+                   or self._judge_authorization(answer) or self._judge_balance(checked, answer))
+        if verdict is not None:
+            return verdict
+        transfer = answer["transfer"]
+        if isinstance(transfer, RpcError):
+            return await self._diagnose_revert(checked, transfer)
+        gas = int(transfer, 16) if for_settle else None
+        return ChainApproval(gas_estimate=gas)
+
+    def _onchain_calls(self, checked: Checked, for_settle: bool
+                       ) -> tuple[list[tuple[str, list[Any]]], list[str]]:
+        intent = checked.intent
+        calls: list[tuple[str, list[Any]]] = []
+        slots: list[str] = []
+
+        def add(slot: str, method: str, params: list[Any]) -> None:
+            slots.append(slot)
+            calls.append((method, params))
+
+        if checked.signature_check is SignatureCheck.NEEDS_CONTRACT_CHECK:
+            add("payer_code", "eth_getCode", [intent.payer, "latest"])
+            add("erc1271", "eth_call", [_call(intent.payer, abi.is_valid_signature(
+                checked.digest, intent.signature)), "latest"])
+        if not self._asset_code_known(intent.asset):
+            add("asset_code", "eth_getCode", [intent.asset, "latest"])
+        add("auth_state", "eth_call",
+            [_call(intent.asset, abi.authorization_state(intent.payer, intent.nonce)), "latest"])
+        add("balance", "eth_call", [_call(intent.asset, abi.balance_of(intent.payer)), "latest"])
+        transfer = _call(intent.asset, intent.calldata, sender=self._facilitator)
+        if for_settle:
+            add("transfer", "eth_estimateGas", [transfer, "latest"])
+        else:
+            add("transfer", "eth_call", [transfer, "latest"])
+        return calls, slots
+
+    def _judge_signature(self, answer: dict[str, Any]) -> Rejection | None:
+        if "payer_code" not in answer:
+            return None
+        code, verdict = answer["payer_code"], answer["erc1271"]
+        if isinstance(code, RpcError) or code in ("0x", "0x0", None):
+            return Rejection(Reason.INVALID_SIGNATURE, "signature does not recover to the payer")
+        if isinstance(verdict, RpcError) or not _returns_magic(verdict):
+            return Rejection(Reason.INVALID_SIGNATURE,
+                             "payer contract's isValidSignature rejected the signature")
+        return None
+
+    def _judge_asset(self, checked: Checked, answer: dict[str, Any]) -> Rejection | None:
+        if "asset_code" not in answer:
+            return None
+        code = answer["asset_code"]
+        if isinstance(code, RpcError) or code in ("0x", "0x0", None):
+            return Rejection(Reason.ASSET_NOT_DEPLOYED,
+                             f"no contract at asset {to_checksum(checked.intent.asset)}")
+        self._remember_asset_code(checked.intent.asset)
+        return None
+
+    @staticmethod
+    def _judge_authorization(answer: dict[str, Any]) -> Rejection | None:
+        state = answer["auth_state"]
+        if isinstance(state, RpcError):
+            return Rejection(Reason.EIP3009_NOT_SUPPORTED,
+                             f"authorizationState failed: {state.message}")
+        if abi.decode_bool(state):
+            return Rejection(Reason.NONCE_ALREADY_USED, "authorization nonce was already used")
+        return None
+
+    @staticmethod
+    def _judge_balance(checked: Checked, answer: dict[str, Any]) -> Rejection | None:
+        balance = answer["balance"]
+        if isinstance(balance, RpcError):
+            return None  # left to the transfer simulation, which names the real cause
+        if abi.decode_uint(balance) < checked.intent.amount:
+            return Rejection(Reason.INSUFFICIENT_BALANCE,
+                             f"payer balance {abi.decode_uint(balance)} < {checked.intent.amount}")
+        return None
+
+    async def _diagnose_revert(self, checked: Checked, error: RpcError) -> Rejection:
+        revert = abi.decode_revert(error.data, error.message)
+        mapped = classify_transfer_revert(revert)
+        if mapped is not None:
+            return Rejection(mapped, revert)
+        return Rejection(await self._diagnose_domain(checked) or Reason.SIMULATION_FAILED, revert)
+
+    async def _diagnose_domain(self, checked: Checked) -> Reason | None:
+        """Name/version diagnosis for an unexplained revert (second round trip, rare path)."""
+        asset = checked.intent.asset
+        name, version = await self._chain.request_many([
+            ("eth_call", [_call(asset, abi.NAME), "latest"]),
+            ("eth_call", [_call(asset, abi.VERSION), "latest"])])
+        return _domain_mismatch(name, version, checked.domain)
+
+    def _asset_code_known(self, asset: str) -> bool:
+        seen = self._asset_code_seen.get(asset)
+        return seen is not None and self._clock() - seen < ASSET_CODE_TTL_S
+
+    def _remember_asset_code(self, asset: str) -> None:
+        if len(self._asset_code_seen) >= ASSET_CODE_CACHE_MAX:
+            self._asset_code_seen.clear()
+        self._asset_code_seen[asset] = self._clock()
+
+
+def _call(to: str, data: bytes, sender: str | None = None) -> dict[str, str]:
+    call = {"to": to, "data": "0x" + data.hex()}
+    if sender is not None:
+        call["from"] = sender
+    return call
+
+
+def _returns_magic(result: Any) -> bool:
+    return isinstance(result, str) and result[2:10].lower() == abi.ERC1271_MAGIC.hex()
+
+
+def _domain_mismatch(name: Any, version: Any, expected: tuple[str, str]) -> Reason | None:
+    """The SDK's diagnosis: the token's own name()/version() differ from what the payer signed."""
+    expected_name, expected_version = expected
+    try:
+        if isinstance(name, str) and abi.decode_string(name) != expected_name:
+            return Reason.TOKEN_NAME_MISMATCH
+        if isinstance(version, str) and abi.decode_string(version) != expected_version:
+            return Reason.TOKEN_VERSION_MISMATCH
+    except Exception:  # noqa: BLE001 - a token without these getters tells us nothing more
+        return None
+    return None

@@ -1,0 +1,218 @@
+"""The facilitator's three operations — verify, settle, supported — over every configured
+network and scheme. HTTP-agnostic: handlers pass parsed JSON in and get response objects back.
+
+Routing precedence (before any scheme check): x402 version, then scheme, then network. A
+network we do not serve gets the SDK's network reason, never a signature error.
+
+Guarantees: a malformed body raises `BadRequest` (HTTP 400); every well-formed request gets a
+structured answer with a reason from `Reason`; every answer is recorded for auditors.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from facilitator.adapters.metrics import Metrics
+from facilitator.core.exact import Rejection
+from facilitator.core.settlement import SettlementIntent
+from facilitator.ports import RpcUnavailable
+from facilitator.protocol.eip3009 import is_permit2_payload
+from facilitator.protocol.fields import address, to_checksum
+from facilitator.protocol.messages import PaymentRequest, UnsupportedVersion, parse_request
+from facilitator.protocol.networks import Network, NetworkRegistry
+from facilitator.protocol.reasons import Reason
+from facilitator.protocol.responses import SettleResponse, VerifyResponse
+from facilitator.schemes.exact import Checked, ExactEip3009Scheme
+from facilitator.services.recorder import VerificationRecorder
+from facilitator.services.settler import Settler
+
+log = logging.getLogger("facilitator.service")
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkServices:
+    network: Network
+    exact: ExactEip3009Scheme
+    settler: Settler
+
+
+@dataclass(frozen=True, slots=True)
+class _Routed:
+    request: PaymentRequest
+    services: NetworkServices
+
+
+class FacilitatorService:
+    def __init__(self, *, registry: NetworkRegistry, services: dict[str, NetworkServices],
+                 recorder: VerificationRecorder, metrics: Metrics, signer_address: str) -> None:
+        self._registry = registry
+        self._services = services
+        self._recorder = recorder
+        self._metrics = metrics
+        self.signer_address = signer_address
+
+    # -- /supported ---------------------------------------------------------------------------
+
+    def supported(self) -> dict[str, Any]:
+        kinds: list[dict[str, Any]] = []
+        for version in (2, 1):
+            for svc in self._services.values():
+                wire = svc.network.caip2 if version == 2 else svc.network.v1_name
+                if wire is not None:
+                    kinds.append({"x402Version": version, "scheme": "exact", "network": wire})
+        return {"kinds": kinds, "extensions": [], "signers": {"eip155:*": [self.signer_address]}}
+
+    # -- /verify ------------------------------------------------------------------------------
+
+    async def verify(self, body: Any, request_id: str = "") -> VerifyResponse:
+        started = time.monotonic()
+        routed = self._route(body)
+        if isinstance(routed, tuple):
+            response, request = routed[0], routed[1]
+            await self._record("verify", request_id, request, None, response.is_valid,
+                               response.invalid_reason)
+            self._count_verify(request, None, response, started)
+            return response
+        checked = routed.services.exact.check_offchain(routed.request)
+        response = await self._verify_checked(routed, checked)
+        intent = checked.intent if isinstance(checked, Checked) else None
+        await self._record("verify", request_id, routed.request, intent, response.is_valid,
+                           response.invalid_reason)
+        self._count_verify(routed.request, routed.services.network, response, started)
+        return response
+
+    async def _verify_checked(self, routed: _Routed, checked: Rejection | Checked
+                              ) -> VerifyResponse:
+        payer = _payer_of(routed.request)
+        if isinstance(checked, Rejection):
+            return VerifyResponse(False, checked.reason, checked.message, payer)
+        try:
+            verdict = await routed.services.exact.check_onchain(checked, for_settle=False)
+        except RpcUnavailable as exc:
+            log.warning("verify: chain unavailable: %s", exc)
+            return VerifyResponse(False, Reason.UNEXPECTED_VERIFY_ERROR,
+                                  "chain RPC unavailable; try again", checked.payer)
+        if isinstance(verdict, Rejection):
+            return VerifyResponse(False, verdict.reason, verdict.message, checked.payer)
+        return VerifyResponse(True, payer=checked.payer)
+
+    # -- /settle ------------------------------------------------------------------------------
+
+    async def settle(self, body: Any, request_id: str = "") -> SettleResponse:
+        started = time.monotonic()
+        routed = self._route(body)
+        if isinstance(routed, tuple):
+            verdict, request = routed
+            response = SettleResponse(False, network=_wire_network(request),
+                                      error_reason=verdict.invalid_reason,
+                                      error_message=verdict.invalid_message)
+            await self._record("settle", request_id, request, None, False, response.error_reason)
+            self._count_settle(request, None, response, started)
+            return response
+        checked = routed.services.exact.check_offchain(routed.request)
+        wire = routed.request.network
+        if isinstance(checked, Rejection):
+            response = SettleResponse(False, network=wire, error_reason=checked.reason,
+                                      error_message=checked.message,
+                                      payer=_payer_of(routed.request))
+            intent = None
+        else:
+            response = await routed.services.settler.settle(checked, wire)
+            intent = checked.intent
+        await self._record("settle", request_id, routed.request, intent, response.success,
+                           response.error_reason)
+        self._count_settle(routed.request, routed.services.network, response, started)
+        return response
+
+    # -- routing ------------------------------------------------------------------------------
+
+    def _route(self, body: Any) -> _Routed | tuple[VerifyResponse, PaymentRequest | None]:
+        """Parse and route; a tuple is an early answer (unsupported version/scheme/network)."""
+        request = parse_request(body)
+        if isinstance(request, UnsupportedVersion):
+            return (VerifyResponse(False, Reason.INVALID_X402_VERSION,
+                                   f"x402Version {request.version} is not supported"), None)
+        if request.scheme != "exact" or request.requirements.scheme != "exact":
+            return (VerifyResponse(False, Reason.UNSUPPORTED_SCHEME,
+                                   f"scheme {request.scheme!r} is not supported"), request)
+        network = self._registry.resolve(request.version, request.requirements.network)
+        services = self._services.get(network.key) if network else None
+        if services is None:
+            return (VerifyResponse(False, Reason.FAILED_TO_GET_NETWORK_CONFIG,
+                                   f"network {request.requirements.network!r} is not served by "
+                                   "this facilitator"), request)
+        if is_permit2_payload(request.payload):
+            return (VerifyResponse(False, Reason.UNSUPPORTED_PAYLOAD_TYPE,
+                                   "Permit2 payloads are not accepted for this asset"), request)
+        return _Routed(request, services)
+
+    # -- bookkeeping --------------------------------------------------------------------------
+
+    async def _record(self, endpoint: str, request_id: str, request: PaymentRequest | None,
+                      intent: SettlementIntent | None, valid: bool, reason: Reason | None) -> None:
+        if request is None:
+            return
+        req = request.requirements
+        row = (
+            _now_utc(), endpoint, request_id[:64] or None, request.scheme[:64], request.version,
+            request.network[:64],
+            _bytes(intent.payer) if intent else None, _bytes(req.pay_to), _bytes(req.asset),
+            req.amount, intent.nonce if intent else None,
+            intent.valid_before if intent else None, intent.fingerprint if intent else None,
+            valid, str(reason) if reason else None)
+        await self._recorder.record(row)
+
+    def _count_verify(self, request: PaymentRequest | None, network: Network | None,
+                      response: VerifyResponse, started: float) -> None:
+        scheme, net = _labels(request, network)
+        result = "valid" if response.is_valid else "invalid"
+        self._metrics.verify_total.labels(scheme, net, result, _reason_label(response.invalid_reason)).inc()
+        self._metrics.verify_seconds.labels(scheme, net).observe(time.monotonic() - started)
+
+    def _count_settle(self, request: PaymentRequest | None, network: Network | None,
+                      response: SettleResponse, started: float) -> None:
+        scheme, net = _labels(request, network)
+        if response.success:
+            result = "success"
+        elif response.error_reason is Reason.SETTLEMENT_PENDING:
+            result = "pending"
+        else:
+            result = "failed"
+        self._metrics.settle_total.labels(scheme, net, result, _reason_label(response.error_reason)).inc()
+        self._metrics.settle_seconds.labels(scheme, net).observe(time.monotonic() - started)
+
+
+def _labels(request: PaymentRequest | None, network: Network | None) -> tuple[str, str]:
+    scheme = request.scheme if request is not None and request.scheme == "exact" else "other"
+    return scheme, network.key if network is not None else "unknown"
+
+
+def _reason_label(reason: Reason | None) -> str:
+    return str(reason) if reason is not None else "none"
+
+
+def _wire_network(request: PaymentRequest | None) -> str:
+    return request.network if request is not None else ""
+
+
+def _payer_of(request: PaymentRequest) -> str | None:
+    """The payer named in an EIP-3009 payload, if it parses (for `payer` in invalid answers)."""
+    auth = request.payload.get("authorization")
+    if isinstance(auth, dict):
+        try:
+            return to_checksum(address(auth.get("from"), "from"))
+        except ValueError:
+            return None
+    return None
+
+
+def _bytes(hex_address: str) -> bytes:
+    return bytes.fromhex(hex_address[2:])
+
+
+def _now_utc() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,264 @@
+"""Settlement of verified payments: claim, re-verify on chain, broadcast, wait, answer.
+
+Guarantees:
+- At most one settlement per authorization: the row claimed in PostgreSQL under
+  UNIQUE(chain_id, asset, payer, nonce) decides who settles; every other request for the same
+  authorization waits for that settlement or replays its stored answer.
+- The same payload settled again answers `success: true` with the same transaction hash and
+  sends nothing. A different payload reusing a consumed nonce gets the nonce-used reason.
+- The answer is Unknown -> `settlement_pending` (with the tx hash) when no receipt arrives within
+  the configured wait; the transaction stays tracked and a later identical /settle gets the
+  final result. Unknown is never reported as a failure.
+- After a restart, `recover()` resumes every unfinished row: pending rows are broadcast, signed
+  rows have their stored bytes re-sent, broadcast rows are watched for their receipt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from facilitator.adapters.metrics import Metrics
+from facilitator.adapters.store import SettlementRow, Store
+from facilitator.core import abi
+from facilitator.core.exact import Rejection, classify_transfer_revert
+from facilitator.core.settlement import (
+    IN_FLIGHT,
+    SETTLED,
+    Outcome,
+    Rejected,
+    Settled,
+    SettledBy,
+    State,
+    Unknown,
+)
+from facilitator.adapters.signer import SignedTx
+from facilitator.core.receipts import ExpectedTransfer
+from facilitator.ports import Chain, RpcError, RpcUnavailable
+from facilitator.protocol.reasons import Reason
+from facilitator.protocol.responses import SettleResponse
+from facilitator.schemes.exact import ChainApproval, Checked, ExactEip3009Scheme
+from facilitator.services.broadcaster import Broadcaster, Job, Overloaded
+from facilitator.services.outcomes import OutcomeBoard, wait_outcome
+from facilitator.services.tracker import InFlight, Tracker, find_external_settlement
+
+log = logging.getLogger("facilitator.settler")
+
+DB_POLL_INTERVAL_S = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class SettlePolicy:
+    receipt_timeout_s: float
+    gas_limit_cap: int
+    gas_headroom: float = 1.25
+    front_run_lookback_blocks: int = 5_000
+
+
+class Settler:
+    def __init__(self, *, scheme: ExactEip3009Scheme, chain: Chain, store: Store,
+                 board: OutcomeBoard, broadcaster: Broadcaster, tracker: Tracker,
+                 metrics: Metrics, policy: SettlePolicy) -> None:
+        self.scheme = scheme
+        self.network = scheme.network
+        self._chain = chain
+        self._store = store
+        self._board = board
+        self._broadcaster = broadcaster
+        self._tracker = tracker
+        self._metrics = metrics
+        self._policy = policy
+        broadcaster.on_sent = self._on_sent
+        broadcaster.reserved_wei = tracker.reserved_wei
+        tracker.resign = self._resign
+        tracker.fill_nonce = broadcaster.fill_nonce
+
+    async def settle(self, checked: Checked, wire_network: str) -> SettleResponse:
+        started = time.monotonic()
+        claim = await self._store.claim(checked.intent)
+        row: SettlementRow | SettleResponse = claim.row
+        if not claim.created:
+            row = await self._continue_existing(claim.row, checked, wire_network)
+            if isinstance(row, SettleResponse):
+                return row
+        return await self._settle_claimed(row, checked, wire_network, started)
+
+    async def _continue_existing(self, row: SettlementRow, checked: Checked, wire_network: str
+                                 ) -> SettlementRow | SettleResponse:
+        """Another request already claimed this authorization: replay, wait, or take over a
+        failed attempt (the only state whose authorization is certainly unconsumed)."""
+        same = row.fingerprint == checked.intent.fingerprint
+        if row.state == State.FAILED:
+            reclaimed = await self._store.reclaim_failed(row.id, checked.intent)
+            if reclaimed is not None:
+                return reclaimed
+            row = await self._store.get(row.id) or row
+        if not same:
+            return _failure(wire_network, checked.payer, Reason.NONCE_ALREADY_USED,
+                            "this authorization nonce belongs to another payment", row)
+        if row.state in IN_FLIGHT:
+            return await self._wait_for_existing(row, wire_network, checked.payer)
+        return self._answer_from_row(row, wire_network, checked.payer)
+
+    async def _settle_claimed(self, row: SettlementRow, checked: Checked, wire_network: str,
+                              started: float) -> SettleResponse:
+        try:
+            approval = await self.scheme.check_onchain(checked, for_settle=True)
+        except RpcUnavailable as exc:
+            return await self._refuse(row, checked, wire_network, Rejection(
+                Reason.UNEXPECTED_SETTLE_ERROR, f"chain unavailable before broadcast: {exc}"))
+        if isinstance(approval, Rejection):
+            return await self._refuse(row, checked, wire_network, approval)
+        gas = self._gas_limit(approval)
+        if gas is None:
+            return await self._refuse(row, checked, wire_network, Rejection(
+                Reason.UNEXPECTED_SETTLE_ERROR, "gas estimate exceeds the configured cap"))
+        future = self._board.expect(row.id)
+        try:
+            self._broadcaster.submit(Job(row=row, gas_limit=gas))
+        except Overloaded as exc:
+            self._board.resolve(row.id, Rejected(Reason.UNEXPECTED_SETTLE_ERROR, str(exc)))
+            return await self._refuse(row, checked, wire_network, Rejection(
+                Reason.UNEXPECTED_SETTLE_ERROR, f"{exc}; retry later"))
+        self._metrics.settle_phase_seconds.labels(self.network.key, "verify").observe(
+            time.monotonic() - started)
+        outcome = await wait_outcome(future, self._policy.receipt_timeout_s)
+        return await self._answer(row.id, outcome, wire_network, checked.payer)
+
+    def _gas_limit(self, approval: ChainApproval) -> int | None:
+        assert approval.gas_estimate is not None, "settlement checks estimate gas"
+        if approval.gas_estimate > self._policy.gas_limit_cap:
+            return None
+        return min(int(approval.gas_estimate * self._policy.gas_headroom),
+                   self._policy.gas_limit_cap)
+
+    async def _refuse(self, row: SettlementRow, checked: Checked, wire_network: str,
+                      rejection: Rejection) -> SettleResponse:
+        """Pre-broadcast rejection. A nonce consumed on chain may mean the payment was settled by
+        someone else's transaction: that is recorded as an external settlement, not a failure."""
+        if rejection.reason is Reason.NONCE_ALREADY_USED:
+            external = await self._external_settlement(row)
+            if external is not None:
+                return await self._answer(row.id, external, wire_network, checked.payer)
+        await self._store.mark_failed(row.id, str(rejection.reason), rejection.message)
+        return SettleResponse(success=False, network=wire_network, error_reason=rejection.reason,
+                              error_message=rejection.message, payer=checked.payer,
+                              extensions=_extensions(row.public_id, State.FAILED))
+
+    async def _external_settlement(self, row: SettlementRow) -> Settled | None:
+        head = int(await self._chain.request("eth_blockNumber", []), 16)
+        inclusion = await find_external_settlement(
+            self._chain, row.id, ExpectedTransfer(row.asset, row.payer, row.pay_to, row.amount),
+            row.nonce, exclude_tx=None, from_block=head - self._policy.front_run_lookback_blocks)
+        if inclusion is None:
+            return None
+        await self._store.mark_included([inclusion])
+        return Settled(inclusion.tx_hash, inclusion.block_number, inclusion.block_hash,
+                       inclusion.log_index, SettledBy.EXTERNAL)
+
+    async def _wait_for_existing(self, row: SettlementRow, wire_network: str, payer: str
+                                 ) -> SettleResponse:
+        future = self._board.current(row.id)
+        if future is not None:
+            outcome = await wait_outcome(future, self._policy.receipt_timeout_s)
+            return await self._answer(row.id, outcome, wire_network, payer)
+        deadline = time.monotonic() + self._policy.receipt_timeout_s
+        while row.state in IN_FLIGHT and time.monotonic() < deadline:
+            await asyncio.sleep(DB_POLL_INTERVAL_S)
+            row = await self._store.get(row.id) or row
+        return self._answer_from_row(row, wire_network, payer)
+
+    async def _answer(self, settlement_id: int, outcome: Outcome | None, wire_network: str,
+                      payer: str) -> SettleResponse:
+        """The response for an outcome; None (no outcome in time) answers from the row."""
+        row = await self._store.get(settlement_id)
+        assert row is not None, "a claimed row never disappears"
+        if outcome is None or isinstance(outcome, Unknown):
+            return self._answer_from_row(row, wire_network, payer)
+        if isinstance(outcome, Settled):
+            return SettleResponse(success=True, network=wire_network,
+                                  transaction="0x" + outcome.tx_hash.hex(), payer=payer,
+                                  extensions=_extensions(row.public_id, row.state))
+        return SettleResponse(success=False, network=wire_network, error_reason=outcome.reason,
+                              error_message=outcome.message, payer=payer,
+                              transaction="0x" + outcome.tx_hash.hex() if outcome.tx_hash else "",
+                              extensions=_extensions(row.public_id, row.state))
+
+    def _answer_from_row(self, row: SettlementRow, wire_network: str, payer: str
+                         ) -> SettleResponse:
+        if row.state in SETTLED:
+            return SettleResponse(success=True, network=wire_network, transaction=row.tx_hash_hex,
+                                  payer=payer, extensions=_extensions(row.public_id, row.state))
+        if row.state in IN_FLIGHT:
+            return SettleResponse(
+                success=False, network=wire_network, error_reason=Reason.SETTLEMENT_PENDING,
+                error_message="settlement broadcast; receipt not yet available, retry the same "
+                              "request for the final result", transaction=row.tx_hash_hex,
+                payer=payer, extensions=_extensions(row.public_id, row.state))
+        return _failure(wire_network, payer, _reason(row.reason), row.message or "", row)
+
+    def _on_sent(self, job: Job, tx: SignedTx, known: bool) -> None:
+        self._metrics.settle_phase_seconds.labels(self.network.key, "broadcast").observe(
+            time.monotonic() - job.submitted_at)
+        self._tracker.watch(InFlight.from_signed(job.row, tx, known_to_node=known))
+
+    async def _resign(self, settlement_id: int) -> None:
+        if not await self._store.mark_needs_resign(settlement_id):
+            return
+        row = await self._store.get(settlement_id)
+        if row is not None:
+            self._broadcaster.resubmit(row, row.gas_limit or self._policy.gas_limit_cap)
+
+    # -- recovery -----------------------------------------------------------------------------
+
+    async def recover(self) -> int:
+        """Resume every unfinished row of this network; returns how many."""
+        rows = await self._store.unfinished(self.network.chain_id)
+        for row in rows:
+            self._board.expect(row.id)
+            if row.state == State.PENDING:
+                await self._recover_pending(row)
+            else:
+                known = row.state == State.BROADCAST
+                self._tracker.watch(InFlight.from_row(row, known_to_node=known, check_now=True))
+        if rows:
+            log.warning("recovered %d unfinished settlements on %s", len(rows), self.network.key)
+        return len(rows)
+
+    async def _recover_pending(self, row: SettlementRow) -> None:
+        """A row claimed but never signed: estimate again (the chain may have moved) and send."""
+        call = {"from": self._broadcaster.address, "to": row.call_to,
+                "data": "0x" + row.calldata.hex()}
+        try:
+            gas = int(await self._chain.request("eth_estimateGas", [call, "latest"]), 16)
+        except RpcError as exc:
+            reason = classify_transfer_revert(abi.decode_revert(exc.data, exc.message))
+            await self._store.mark_failed(row.id, str(reason or Reason.TRANSACTION_FAILED),
+                                          f"recovery: {exc.message[:200]}")
+            self._board.resolve(row.id, Rejected(reason or Reason.TRANSACTION_FAILED, exc.message))
+            return
+        self._broadcaster.resubmit(
+            row, min(int(gas * self._policy.gas_headroom), self._policy.gas_limit_cap))
+
+
+def _extensions(public_id: str, state: State | str) -> dict[str, object]:
+    return {"settlement": {"id": public_id, "state": str(state)}}
+
+
+def _reason(value: str | None) -> Reason:
+    try:
+        return Reason(value) if value else Reason.UNEXPECTED_SETTLE_ERROR
+    except ValueError:
+        return Reason.UNEXPECTED_SETTLE_ERROR
+
+
+def _failure(wire_network: str, payer: str, reason: Reason, message: str,
+             row: SettlementRow) -> SettleResponse:
+    return SettleResponse(success=False, network=wire_network, error_reason=reason,
+                          error_message=message, payer=payer,
+                          transaction=row.tx_hash_hex if row.state != State.FAILED or
+                          row.reason == str(Reason.TRANSACTION_FAILED) else "",
+                          extensions=_extensions(row.public_id, row.state))
+

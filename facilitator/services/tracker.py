@@ -1,0 +1,291 @@
+"""Follows every settlement transaction we signed until it has a receipt, and turns the receipt
+into an outcome.
+
+Guarantees:
+- Receipts are fetched in batches once per new head (plus a bounded poll), so 300 transactions in
+  flight cost one round trip per block, not 300 per poll.
+- Success means status 1 *and* the asset's Transfer(payer, payTo, amount) log in the receipt.
+- A reverted transaction is checked for front-running: if another transaction consumed the
+  authorization (EIP-3009 AuthorizationUsed) and moved the money, the payment is recorded as
+  settled by that transaction (settled_by = external) — neither lost nor settled twice.
+- A transaction the node no longer knows (dropped, node restart) is re-sent with the identical
+  stored bytes while the authorization is valid; afterwards the row ends `expired` and the
+  signer nonce it held is filled so later transactions are not stuck.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from facilitator.adapters.metrics import Metrics
+from facilitator.adapters.signer import SignedTx
+from facilitator.adapters.store import Inclusion, SettlementRow, Store
+from facilitator.core.receipts import (
+    ExpectedTransfer,
+    authorization_used_filter,
+    find_transfer_log,
+    receipt_succeeded,
+)
+from facilitator.core.settlement import Rejected, Settled, SettledBy
+from facilitator.ports import Chain, RpcError, RpcUnavailable
+from facilitator.protocol.networks import Network
+from facilitator.protocol.reasons import Reason
+from facilitator.services.outcomes import OutcomeBoard
+
+log = logging.getLogger("facilitator.tracker")
+
+RECEIPT_CHUNK = 200
+
+
+@dataclass(slots=True)
+class InFlight:
+    settlement_id: int
+    tx_hash: bytes
+    raw_tx: bytes
+    signer_nonce: int
+    gas_limit: int
+    max_fee_per_gas: int
+    expected: ExpectedTransfer
+    auth_nonce: bytes
+    valid_before: int
+    known_to_node: bool  # False while a send got no answer (row still `signed`)
+    sent_at: float  # monotonic
+    last_seen_at: float
+
+    @property
+    def hash_hex(self) -> str:
+        return "0x" + self.tx_hash.hex()
+
+    @classmethod
+    def from_row(cls, row: SettlementRow, *, known_to_node: bool, check_now: bool = False
+                 ) -> InFlight:
+        """From a stored signed/broadcast row (recovery); `check_now` asks the node at once."""
+        assert row.tx_hash is not None and row.raw_tx is not None and row.signer_nonce is not None
+        now = time.monotonic()
+        return cls(settlement_id=row.id, tx_hash=row.tx_hash, raw_tx=row.raw_tx,
+                   signer_nonce=row.signer_nonce, gas_limit=row.gas_limit or 0,
+                   max_fee_per_gas=row.max_fee_per_gas or 0,
+                   expected=ExpectedTransfer(row.asset, row.payer, row.pay_to, row.amount),
+                   auth_nonce=row.nonce, valid_before=row.valid_before,
+                   known_to_node=known_to_node, sent_at=now,
+                   last_seen_at=float("-inf") if check_now else now)
+
+    @classmethod
+    def from_signed(cls, row: SettlementRow, tx: SignedTx, *, known_to_node: bool) -> InFlight:
+        """From a pending row and the transaction just signed for it."""
+        now = time.monotonic()
+        return cls(settlement_id=row.id, tx_hash=tx.tx_hash, raw_tx=tx.raw,
+                   signer_nonce=tx.fields.nonce, gas_limit=tx.fields.gas_limit,
+                   max_fee_per_gas=tx.fields.max_fee_per_gas,
+                   expected=ExpectedTransfer(row.asset, row.payer, row.pay_to, row.amount),
+                   auth_nonce=row.nonce, valid_before=row.valid_before,
+                   known_to_node=known_to_node, sent_at=now, last_seen_at=now)
+
+
+class Tracker:
+    def __init__(self, *, network: Network, chain: Chain, store: Store, board: OutcomeBoard,
+                 metrics: Metrics, poll_interval_s: float = 0.2, resend_after_s: float = 4.0,
+                 front_run_lookback_blocks: int = 5_000,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.network = network
+        self._chain = chain
+        self._store = store
+        self._board = board
+        self._metrics = metrics
+        self._poll_interval_s = poll_interval_s
+        self._resend_after_s = resend_after_s
+        self._lookback = front_run_lookback_blocks
+        self._clock = clock
+        self._inflight: dict[int, InFlight] = {}
+        self._wake = asyncio.Event()
+        self._last_head = -1
+        self.resign: Callable[[int], Awaitable[None]] = _noop_resign
+        self.fill_nonce: Callable[[int, int], Awaitable[None]] = _noop_fill
+
+    def watch(self, item: InFlight) -> None:
+        self._inflight[item.settlement_id] = item
+        self._wake.set()
+
+    def reserved_wei(self) -> int:
+        """Worst-case gas cost of everything signed and not yet mined."""
+        return sum(i.gas_limit * i.max_fee_per_gas for i in self._inflight.values())
+
+    def inflight_count(self) -> int:
+        return len(self._inflight)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._poll_interval_s)
+            except asyncio.TimeoutError:
+                pass
+            woken, self._wake = self._wake.is_set(), asyncio.Event()
+            try:
+                await self._tick(woken)
+            except RpcUnavailable as exc:
+                log.warning("tracker tick skipped on %s: %s", self.network.key, exc)
+            except Exception:  # noqa: BLE001 - the tracker must survive; state is in the DB
+                log.exception("tracker tick failed on %s", self.network.key)
+
+    async def _tick(self, woken: bool) -> None:
+        self._metrics.signer_inflight.labels(self.network.key, "all").set(len(self._inflight))
+        if not self._inflight:
+            return
+        head = int(await self._chain.request("eth_blockNumber", []), 16)
+        if head != self._last_head or woken:
+            self._last_head = head
+            await self._check_receipts()
+        await self._resend_stale()
+
+    async def _check_receipts(self) -> None:
+        items = list(self._inflight.values())
+        for start in range(0, len(items), RECEIPT_CHUNK):
+            chunk = items[start:start + RECEIPT_CHUNK]
+            receipts = await self._chain.request_many(
+                [("eth_getTransactionReceipt", [i.hash_hex]) for i in chunk])
+            included: list[tuple[InFlight, Inclusion]] = []
+            for item, receipt in zip(chunk, receipts, strict=True):
+                if isinstance(receipt, dict):
+                    found = await self._judge(item, receipt)
+                    if found is not None:
+                        included.append((item, found))
+            await self._record_inclusions(included)
+
+    async def _judge(self, item: InFlight, receipt: dict[str, Any]) -> Inclusion | None:
+        """An Inclusion for a paying receipt; anything else is settled here and now."""
+        if receipt_succeeded(receipt):
+            log_index = find_transfer_log(receipt, item.expected)
+            if log_index is not None:
+                return _inclusion(item.settlement_id, receipt, log_index, SettledBy.FACILITATOR)
+            await self._finish_failed(item, Reason.TRANSFER_EVENT_MISMATCH,
+                                      "receipt has no Transfer(payer, payTo, amount) from the asset")
+            return None
+        external = await self._find_external_settlement(item, receipt)
+        if external is not None:
+            return external
+        await self._finish_reverted(item, receipt)
+        return None
+
+    async def _record_inclusions(self, included: list[tuple[InFlight, Inclusion]]) -> None:
+        if not included:
+            return
+        moved = await self._store.mark_included([inc for _, inc in included])
+        now = time.monotonic()
+        for item, inc in included:
+            self._inflight.pop(item.settlement_id, None)
+            if inc.settlement_id in moved:
+                self._metrics.settle_phase_seconds.labels(self.network.key, "receipt").observe(
+                    now - item.sent_at)
+                self._board.resolve(inc.settlement_id, Settled(
+                    inc.tx_hash, inc.block_number, inc.block_hash, inc.log_index, inc.settled_by))
+
+    async def _find_external_settlement(self, item: InFlight, receipt: dict[str, Any]
+                                        ) -> Inclusion | None:
+        """Did another transaction consume this authorization (front-running)?"""
+        found = await find_external_settlement(
+            self._chain, item.settlement_id, item.expected, item.auth_nonce,
+            exclude_tx=item.hash_hex, from_block=int(receipt["blockNumber"], 16) - self._lookback)
+        if found is not None:
+            log.warning("settlement %s was front-run by 0x%s", item.settlement_id,
+                        found.tx_hash.hex())
+        return found
+
+    async def _finish_reverted(self, item: InFlight, receipt: dict[str, Any]) -> None:
+        block = await self._chain.request("eth_getBlockByNumber", [receipt["blockNumber"], False])
+        mined_at = int(block["timestamp"], 16) if isinstance(block, dict) else 0
+        if mined_at > item.valid_before:
+            await self._finish_failed(item, Reason.VALID_BEFORE_EXPIRED,
+                                      "transaction mined after the authorization expired",
+                                      expired=True)
+        else:
+            await self._finish_failed(item, Reason.TRANSACTION_FAILED,
+                                      "settlement transaction reverted")
+
+    async def _finish_failed(self, item: InFlight, reason: Reason, message: str,
+                             *, expired: bool = False) -> None:
+        self._inflight.pop(item.settlement_id, None)
+        await self._store.mark_failed(item.settlement_id, str(reason), message,
+                                      tx_hash=item.tx_hash, expired=expired)
+        self._board.resolve(item.settlement_id, Rejected(reason, message, item.tx_hash))
+
+    async def _resend_stale(self) -> None:
+        now = time.monotonic()
+        stale = [i for i in self._inflight.values() if now - i.last_seen_at >= self._resend_after_s]
+        if not stale:
+            return
+        known = await self._chain.request_many(
+            [("eth_getTransactionByHash", [i.hash_hex]) for i in stale])
+        for item, tx in zip(stale, known, strict=True):
+            item.last_seen_at = now
+            if tx is None or isinstance(tx, RpcError):
+                await self._resend(item)
+
+    async def _resend(self, item: InFlight) -> None:
+        if self._clock() >= item.valid_before:
+            await self._finish_failed(item, Reason.VALID_BEFORE_EXPIRED,
+                                      "transaction dropped and the authorization expired",
+                                      expired=True)
+            await self.fill_nonce(item.signer_nonce, item.max_fee_per_gas)
+            return
+        try:
+            await self._chain.request("eth_sendRawTransaction", ["0x" + item.raw_tx.hex()])
+        except RpcError as exc:
+            if "nonce too low" in exc.message.lower():
+                await self._handle_nonce_taken(item)
+                return
+            if "already known" not in exc.message.lower():
+                log.warning("re-send of settlement %s refused: %s", item.settlement_id, exc.message)
+                return
+        log.info("re-sent identical bytes for settlement %s", item.settlement_id)
+        if not item.known_to_node:
+            await self._store.mark_broadcast([item.settlement_id])
+            item.known_to_node = True
+
+    async def _handle_nonce_taken(self, item: InFlight) -> None:
+        """Our nonce was consumed. Either by this very transaction (receipt arriving) or by
+        another one; only in the second case may the authorization get a new transaction."""
+        receipt = await self._chain.request("eth_getTransactionReceipt", [item.hash_hex])
+        if isinstance(receipt, dict):
+            return  # the next receipt pass settles it
+        self._inflight.pop(item.settlement_id, None)
+        await self.resign(item.settlement_id)
+
+
+async def find_external_settlement(chain: Chain, settlement_id: int, expected: ExpectedTransfer,
+                                   auth_nonce: bytes, *, exclude_tx: str | None, from_block: int
+                                   ) -> Inclusion | None:
+    """The transaction (not `exclude_tx`) that consumed this EIP-3009 authorization and paid
+    exactly what it promised, if any. A cancelled authorization pays nothing and is not found."""
+    logs = await chain.request("eth_getLogs", [authorization_used_filter(
+        expected.asset, expected.payer, auth_nonce, from_block)])
+    for entry in logs or []:
+        if entry.get("transactionHash") == exclude_tx:
+            continue
+        receipt = await chain.request("eth_getTransactionReceipt", [entry["transactionHash"]])
+        if isinstance(receipt, dict) and receipt_succeeded(receipt):
+            log_index = find_transfer_log(receipt, expected)
+            if log_index is not None:
+                return _inclusion(settlement_id, receipt, log_index, SettledBy.EXTERNAL)
+    return None
+
+
+def _inclusion(settlement_id: int, receipt: dict[str, Any], log_index: int,
+               settled_by: SettledBy) -> Inclusion:
+    return Inclusion(settlement_id=settlement_id,
+                     tx_hash=bytes.fromhex(receipt["transactionHash"][2:]),
+                     block_number=int(receipt["blockNumber"], 16),
+                     block_hash=bytes.fromhex(receipt["blockHash"][2:]), log_index=log_index,
+                     settled_by=settled_by)
+
+
+async def _noop_resign(settlement_id: int) -> None:
+    raise RuntimeError("tracker.resign is not wired")
+
+
+async def _noop_fill(nonce: int, max_fee: int) -> None:
+    raise RuntimeError("tracker.fill_nonce is not wired")
