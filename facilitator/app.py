@@ -168,7 +168,9 @@ def _build_network(ns: NetworkSettings, settings: Settings, store: Store, metric
             gas_limit_cap=settings.gas_limit_cap,
             max_fee_per_gas_cap_wei=settings.max_fee_per_gas_cap_wei,
             priority_fee_wei=settings.priority_fee_wei))
-    tracker = Tracker(network=network, chain=chain, store=store, board=board, metrics=metrics)
+    tracker = Tracker(network=network, chain=chain, store=store, board=board, metrics=metrics,
+                      poll_interval_s=settings.receipt_poll_interval_s,
+                      resend_after_s=settings.resend_after_s)
     settler = Settler(scheme=scheme, chain=chain, store=store, board=board,
                       broadcaster=broadcaster, tracker=tracker, metrics=metrics,
                       policy=SettlePolicy(receipt_timeout_s=settings.receipt_timeout_s,

@@ -1,4 +1,6 @@
-"""Deploy or place the project's test contracts (TestUSDC, SmartWallet) on a local anvil node.
+"""Deploy or place the project's test contracts on a local anvil node: TestUSDC and SmartWallet
+(exact/EIP-3009), OPGToken, Permit2 and X402UptoPermit2Proxy (OpenGradient `upto` payments on Base
+Sepolia), TEERegistry and InferenceSettlementRelay (the OpenGradient chain, id 10740).
 
 Devnet and test tooling only; `facilitator serve` never imports it. Guarantees:
 
@@ -16,7 +18,12 @@ Devnet and test tooling only; `facilitator serve` never imports it. Guarantees:
 TestUSDC is setCode-friendly (no constructor logic, no immutables): placing its runtime code at an
 address gives an empty, uninitialized token whose storage `initialize` then fills in. That is how
 `install_usdc` puts it at the canonical Base Sepolia USDC address, where the official x402 SDK
-client pays it with its default spend controls (name "USDC", version "2").
+client pays it with its default spend controls (name "USDC", version "2"). OPGToken, Permit2 and
+X402UptoPermit2Proxy are setCode-friendly in the same way and go to their canonical addresses
+(`install_opg`, `install_permit2`, `install_upto_proxy`); the proxy calls Permit2 at the canonical
+address, so install both. TEERegistry and InferenceSettlementRelay are ordinary deployments.
+
+Custom-error reverts are reported by name (`decode_revert`), e.g. "would revert: InvalidNonce()".
 """
 
 from __future__ import annotations
@@ -36,7 +43,9 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
 from web3 import AsyncHTTPProvider, AsyncWeb3
 from web3.contract import AsyncContract
-from web3.exceptions import ContractLogicError, TimeExhausted
+from eth_abi import decode as abi_decode
+from eth_utils import keccak
+from web3.exceptions import ContractCustomError, ContractLogicError, TimeExhausted
 from web3.types import TxParams, TxReceipt
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -120,6 +129,8 @@ async def _send(w3: AsyncWeb3, rpc_url: str, account: LocalAccount, tx: TxParams
         tx["nonce"] = await w3.eth.get_transaction_count(account.address, "pending")
         try:
             gas = await w3.eth.estimate_gas(tx)
+        except ContractCustomError as exc:
+            raise ContractsError(f"{what} would revert: {decode_revert(exc.data)}") from exc
         except ContractLogicError as exc:
             raise ContractsError(f"{what} would revert: {exc.message or exc}") from exc
         tx["gas"] = gas * _GAS_MARGIN_NUM // _GAS_MARGIN_DEN
@@ -180,7 +191,16 @@ async def place_at(rpc_url: str, name: str, address: str) -> None:
 
 async def _initialize_usdc(w3: AsyncWeb3, rpc_url: str, account: LocalAccount, token: str, *,
                            name: str, symbol: str, version: str, decimals: int) -> None:
-    usdc = contract_at(w3, await _artifact("TestUSDC"), token)
+    await _initialize_token(w3, rpc_url, account, token, "TestUSDC", name=name, symbol=symbol,
+                            version=version, decimals=decimals)
+
+
+async def _initialize_token(w3: AsyncWeb3, rpc_url: str, account: LocalAccount, token: str,
+                            contract: str, *, name: str, symbol: str, version: str,
+                            decimals: int) -> None:
+    """`initialize(name, symbol, version, decimals, owner)` of TestUSDC / OPGToken, idempotent
+    for the same configuration."""
+    usdc = contract_at(w3, await _artifact(contract), token)
     if await usdc.functions.initialized().call():
         # Idempotent for the same configuration (e.g. a devnet restarted from saved state).
         actual = (await usdc.functions.name().call(), await usdc.functions.symbol().call(),
@@ -188,12 +208,12 @@ async def _initialize_usdc(w3: AsyncWeb3, rpc_url: str, account: LocalAccount, t
                   await usdc.functions.owner().call())
         wanted = (name, symbol, version, decimals, account.address)
         if actual != wanted:
-            raise ContractsError(f"TestUSDC at {token} already initialized as {actual}, "
+            raise ContractsError(f"{contract} at {token} already initialized as {actual}, "
                                  f"not {wanted}")
         return
     data = usdc.encode_abi("initialize", [name, symbol, version, decimals, account.address])
     await _send(w3, rpc_url, account, {"to": usdc.address, "data": data},
-                f"TestUSDC.initialize at {token}")
+                f"{contract}.initialize at {token}")
 
 
 async def install_usdc(rpc_url: str, owner_key: str, address: str = CANONICAL_USDC,
@@ -224,11 +244,12 @@ async def deploy_usdc(rpc_url: str, deployer_key: str, *, name: str = USDC_NAME,
 
 
 async def mint(rpc_url: str, owner_key: str, token: str, to: str, amount: int) -> str:
-    """Mint `amount` atomic units of TestUSDC `token` to `to`; returns the tx hash."""
+    """Mint `amount` atomic units of `token` to `to`; returns the tx hash. Works for every token
+    here with `mint(address,uint256)` (TestUSDC, OPGToken)."""
     async with connect(rpc_url) as w3:
         usdc = contract_at(w3, await _artifact("TestUSDC"), token)
         data = usdc.encode_abi("mint", [to_checksum_address(to), amount])
-    receipt = await transact(rpc_url, owner_key, token, data, what="TestUSDC.mint")
+    receipt = await transact(rpc_url, owner_key, token, data, what=f"mint on {token}")
     return receipt["transactionHash"].to_0x_hex()
 
 
@@ -284,3 +305,328 @@ def _typed_data(token: str, chain_id: int, name: str, version: str, primary_type
                    "verifyingContract": to_checksum_address(token)},
         "message": dict(message),
     }
+
+
+# ---- revert decoding ----
+
+_SOLIDITY_ERROR = bytes.fromhex("08c379a0")   # Error(string)
+_SOLIDITY_PANIC = bytes.fromhex("4e487b71")   # Panic(uint256)
+_ARTIFACT_NAMES = ("TestUSDC", "SmartWallet", "OPGToken", "Permit2", "X402UptoPermit2Proxy",
+                   "TEERegistry", "InferenceSettlementRelay")
+
+
+def _abi_type(param: Mapping[str, Any]) -> str:
+    kind = str(param["type"])
+    if kind.startswith("tuple"):
+        return "(" + ",".join(_abi_type(c) for c in param["components"]) + ")" + kind[5:]
+    return kind
+
+
+@lru_cache(maxsize=1)
+def _known_errors() -> dict[bytes, tuple[str, list[str]]]:
+    """selector -> (error name, argument types) over every committed artifact's ABI."""
+    known: dict[bytes, tuple[str, list[str]]] = {}
+    for name in _ARTIFACT_NAMES:
+        try:
+            abi = load_artifact(name).abi
+        except ContractsError:
+            continue
+        for item in abi:
+            if item.get("type") != "error":
+                continue
+            types = [_abi_type(p) for p in item.get("inputs", [])]
+            selector = keccak(text=f"{item['name']}({','.join(types)})")[:4]
+            known.setdefault(selector, (item["name"], types))
+    return known
+
+
+def decode_revert(data: bytes | str | None) -> str:
+    """Readable form of revert data: `Error(string)` gives the string, a custom error declared by
+    one of this project's contracts gives e.g. `SignatureExpired(1700000000)` / `InvalidNonce()`,
+    anything else its hex. (Reads the artifacts once; cached.)"""
+    if data is None:
+        return "execution reverted (no data)"
+    raw = bytes.fromhex(data.removeprefix("0x")) if isinstance(data, str) else bytes(data)
+    selector, body = raw[:4], raw[4:]
+    try:
+        if selector == _SOLIDITY_ERROR:
+            return str(abi_decode(["string"], body)[0])
+        if selector == _SOLIDITY_PANIC:
+            return f"Panic({abi_decode(['uint256'], body)[0]:#x})"
+        if selector in _known_errors():
+            name, types = _known_errors()[selector]
+            args = abi_decode(types, body) if types else ()
+            shown = ", ".join(
+                "0x" + a.hex() if isinstance(a, bytes) else str(a) for a in args)
+            return f"{name}({shown})"
+    except Exception:  # malformed arguments: fall through to hex
+        pass
+    return "0x" + raw.hex()
+
+
+# ---- OpenGradient payments on Base Sepolia: OPG, Permit2, x402 upto proxy ----
+
+# OpenGradient's OPG ERC-20 on Base Sepolia (Base Sepolia-era SDK `BASE_OPG_ADDRESS`); the gateway
+# advertises extra {name: "OPG", version: "2"}.
+CANONICAL_OPG = "0x240b09731D96979f50B2C649C9CE10FcF9C7987F"
+OPG_NAME = "OPG"
+OPG_SYMBOL = "OPG"
+OPG_VERSION = "2"
+OPG_DECIMALS = 18
+
+# Canonical Uniswap Permit2 and the x402 upto proxy (x402 SDK constants.py).
+PERMIT2_ADDRESS = "0x000000000022D473030F116dDEE9F6B43aC78BA3"
+UPTO_PROXY_ADDRESS = "0x4020A4f3b7b90ccA423B9fabCc0CE57C6C240002"
+MAX_UINT256 = 2**256 - 1
+
+# What Permit2 hashes for a witness transfer: its stub + the proxy's witness type string.
+PERMIT_WITNESS_TRANSFER_FROM_STUB = (
+    "PermitWitnessTransferFrom(TokenPermissions permitted,address spender,uint256 nonce,"
+    "uint256 deadline,")
+UPTO_WITNESS_TYPE_STRING = (
+    "Witness witness)TokenPermissions(address token,uint256 amount)"
+    "Witness(address to,address facilitator,uint256 validAfter)")
+
+
+async def install_opg(rpc_url: str, owner_key: str, address: str = CANONICAL_OPG, *,
+                      name: str = OPG_NAME, symbol: str = OPG_SYMBOL, version: str = OPG_VERSION,
+                      decimals: int = OPG_DECIMALS) -> str:
+    """Place OPGToken at `address` (default: OPG's Base Sepolia address) and initialize it with
+    `owner_key`'s account as owner/minter. Idempotent when already initialized identically."""
+    account = Account.from_key(owner_key)
+    token = to_checksum_address(address)
+    await place_at(rpc_url, "OPGToken", token)
+    async with connect(rpc_url) as w3:
+        await _initialize_token(w3, rpc_url, account, token, "OPGToken", name=name,
+                                symbol=symbol, version=version, decimals=decimals)
+    return token
+
+
+async def install_permit2(rpc_url: str, address: str = PERMIT2_ADDRESS) -> str:
+    """Place Permit2 (SignatureTransfer) at `address` (default: canonical). Needs no
+    initialization; its nonce bitmap is whatever storage holds there (empty on a fresh node)."""
+    target = to_checksum_address(address)
+    await place_at(rpc_url, "Permit2", target)
+    return target
+
+
+async def install_upto_proxy(rpc_url: str, address: str = UPTO_PROXY_ADDRESS) -> str:
+    """Place X402UptoPermit2Proxy at `address` (default: the x402 SDK's upto proxy address). It
+    calls Permit2 at the canonical address: install that too (`install_permit2`)."""
+    target = to_checksum_address(address)
+    await place_at(rpc_url, "X402UptoPermit2Proxy", target)
+    return target
+
+
+async def approve_permit2(rpc_url: str, payer_key: str, token: str,
+                          amount: int = MAX_UINT256, *, permit2: str = PERMIT2_ADDRESS) -> str:
+    """The payer's one-time ERC-20 `approve(Permit2, amount)` on `token`; returns the tx hash."""
+    async with connect(rpc_url) as w3:
+        erc20 = contract_at(w3, await _artifact("OPGToken"), token)
+        data = erc20.encode_abi("approve", [to_checksum_address(permit2), amount])
+    receipt = await transact(rpc_url, payer_key, token, data, what=f"approve Permit2 on {token}")
+    return receipt["transactionHash"].to_0x_hex()
+
+
+_PERMIT2_DOMAIN_FIELDS = [{"name": "name", "type": "string"},
+                          {"name": "chainId", "type": "uint256"},
+                          {"name": "verifyingContract", "type": "address"}]
+_TOKEN_PERMISSIONS_FIELDS = [{"name": "token", "type": "address"},
+                             {"name": "amount", "type": "uint256"}]
+
+
+def permit2_domain(chain_id: int, permit2: str = PERMIT2_ADDRESS) -> dict[str, Any]:
+    """Permit2's EIP-712 domain: name "Permit2", no version."""
+    return {"name": "Permit2", "chainId": chain_id,
+            "verifyingContract": to_checksum_address(permit2)}
+
+
+def upto_permit_typed_data(*, chain_id: int, token: str, amount: int, nonce: int, deadline: int,
+                           to: str, facilitator: str, valid_after: int,
+                           spender: str = UPTO_PROXY_ADDRESS,
+                           permit2: str = PERMIT2_ADDRESS) -> dict[str, Any]:
+    """EIP-712 `full_message` (for `Account.sign_typed_data`) of the Permit2
+    PermitWitnessTransferFrom an x402 `upto` payer signs: cap `amount` of `token`, spender = the
+    upto proxy, witness {to, facilitator, validAfter}. Same types as the x402 SDK's
+    UPTO_PERMIT2_WITNESS_TYPES."""
+    return {
+        "types": {
+            "EIP712Domain": _PERMIT2_DOMAIN_FIELDS,
+            "PermitWitnessTransferFrom": [
+                {"name": "permitted", "type": "TokenPermissions"},
+                {"name": "spender", "type": "address"},
+                {"name": "nonce", "type": "uint256"},
+                {"name": "deadline", "type": "uint256"},
+                {"name": "witness", "type": "Witness"}],
+            "TokenPermissions": _TOKEN_PERMISSIONS_FIELDS,
+            "Witness": [{"name": "to", "type": "address"},
+                        {"name": "facilitator", "type": "address"},
+                        {"name": "validAfter", "type": "uint256"}],
+        },
+        "primaryType": "PermitWitnessTransferFrom",
+        "domain": permit2_domain(chain_id, permit2),
+        "message": {
+            "permitted": {"token": to_checksum_address(token), "amount": amount},
+            "spender": to_checksum_address(spender), "nonce": nonce, "deadline": deadline,
+            "witness": {"to": to_checksum_address(to),
+                        "facilitator": to_checksum_address(facilitator),
+                        "validAfter": valid_after},
+        },
+    }
+
+
+def permit_transfer_typed_data(*, chain_id: int, token: str, amount: int, spender: str,
+                               nonce: int, deadline: int,
+                               permit2: str = PERMIT2_ADDRESS) -> dict[str, Any]:
+    """EIP-712 `full_message` of a plain Permit2 PermitTransferFrom (no witness)."""
+    return {
+        "types": {
+            "EIP712Domain": _PERMIT2_DOMAIN_FIELDS,
+            "PermitTransferFrom": [
+                {"name": "permitted", "type": "TokenPermissions"},
+                {"name": "spender", "type": "address"},
+                {"name": "nonce", "type": "uint256"},
+                {"name": "deadline", "type": "uint256"}],
+            "TokenPermissions": _TOKEN_PERMISSIONS_FIELDS,
+        },
+        "primaryType": "PermitTransferFrom",
+        "domain": permit2_domain(chain_id, permit2),
+        "message": {"permitted": {"token": to_checksum_address(token), "amount": amount},
+                    "spender": to_checksum_address(spender), "nonce": nonce,
+                    "deadline": deadline},
+    }
+
+
+def eip2612_permit_typed_data(*, token: str, chain_id: int, owner: str, spender: str, value: int,
+                              nonce: int, deadline: int, name: str = OPG_NAME,
+                              version: str = OPG_VERSION) -> dict[str, Any]:
+    """EIP-712 `full_message` of an EIP-2612 `Permit` on OPGToken (or any EIP-2612 token)."""
+    fields = [{"name": "owner", "type": "address"}, {"name": "spender", "type": "address"},
+              {"name": "value", "type": "uint256"}, {"name": "nonce", "type": "uint256"},
+              {"name": "deadline", "type": "uint256"}]
+    return _typed_data(token, chain_id, name, version, "Permit", fields, {
+        "owner": to_checksum_address(owner), "spender": to_checksum_address(spender),
+        "value": value, "nonce": nonce, "deadline": deadline})
+
+
+@dataclass(frozen=True)
+class UptoPermit:
+    """A signed x402 `upto` Permit2 authorization (what the payload's `permit2Authorization` and
+    `signature` carry)."""
+
+    owner: str
+    token: str
+    cap: int            # permitted.amount: the most the facilitator may settle
+    nonce: int
+    deadline: int
+    to: str
+    facilitator: str
+    valid_after: int
+    signature: bytes
+
+    def settle_args(self, amount: int, *, signature: bytes | None = None) -> list[Any]:
+        """Arguments of proxy `settle(permit, amount, owner, witness, signature)`."""
+        return [((self.token, self.cap), self.nonce, self.deadline), amount, self.owner,
+                (self.to, self.facilitator, self.valid_after),
+                self.signature if signature is None else signature]
+
+
+def sign_upto_permit(signer_key: str, *, chain_id: int, token: str, cap: int, nonce: int,
+                     deadline: int, to: str, facilitator: str, valid_after: int = 0,
+                     owner: str | None = None, spender: str = UPTO_PROXY_ADDRESS) -> UptoPermit:
+    """Sign an `upto` permit with `signer_key` (EOA). `owner` defaults to the signer; pass the
+    wallet address when the key is an ERC-1271 SmartWallet's owner."""
+    typed = upto_permit_typed_data(chain_id=chain_id, token=token, amount=cap, nonce=nonce,
+                                   deadline=deadline, to=to, facilitator=facilitator,
+                                   valid_after=valid_after, spender=spender)
+    signed = Account.sign_typed_data(signer_key, full_message=typed)
+    return UptoPermit(
+        owner=to_checksum_address(owner or Account.from_key(signer_key).address),
+        token=to_checksum_address(token), cap=cap, nonce=nonce, deadline=deadline,
+        to=to_checksum_address(to), facilitator=to_checksum_address(facilitator),
+        valid_after=valid_after, signature=bytes(signed.signature))
+
+
+async def upto_settle(rpc_url: str, facilitator_key: str, permit: UptoPermit, amount: int, *,
+                      proxy: str = UPTO_PROXY_ADDRESS) -> str:
+    """The facilitator's `proxy.settle(...)` for `amount` (≤ permit.cap); returns the tx hash.
+    Raises ContractsError naming the proxy/Permit2 custom error when it would revert."""
+    async with connect(rpc_url) as w3:
+        contract = contract_at(w3, await _artifact("X402UptoPermit2Proxy"), proxy)
+        data = contract.encode_abi("settle", permit.settle_args(amount))
+    receipt = await transact(rpc_url, facilitator_key, proxy, data, what="upto proxy settle")
+    return receipt["transactionHash"].to_0x_hex()
+
+
+# ---- the OpenGradient chain (id 10740): TEERegistry and InferenceSettlementRelay ----
+
+OG_CHAIN_ID = 10740
+TEE_TYPE_LLM_PROXY = 0
+TEE_TYPE_VALIDATOR = 1
+TEE_OPERATOR_ROLE = keccak(text="TEE_OPERATOR")
+SETTLEMENT_RELAY_ROLE = keccak(text="SETTLEMENT_RELAY_ROLE")
+
+
+async def deploy_tee_registry(rpc_url: str, deployer_key: str) -> str:
+    """Deploy a TEERegistry; the deployer gets DEFAULT_ADMIN_ROLE and TEE_OPERATOR."""
+    return await deploy(rpc_url, deployer_key, "TEERegistry")
+
+
+async def _role_tx(rpc_url: str, key: str, contract_name: str, address: str, function: str,
+                   role: bytes, account: str) -> str:
+    async with connect(rpc_url) as w3:
+        contract = contract_at(w3, await _artifact(contract_name), address)
+        data = contract.encode_abi(function, [role, to_checksum_address(account)])
+    receipt = await transact(rpc_url, key, address, data, what=f"{contract_name}.{function}")
+    return receipt["transactionHash"].to_0x_hex()
+
+
+async def add_tee_operator(rpc_url: str, admin_key: str, registry: str, operator: str) -> str:
+    """Grant TEE_OPERATOR on `registry` to `operator` (admin only); returns the tx hash."""
+    return await _role_tx(rpc_url, admin_key, "TEERegistry", registry, "grantRole",
+                          TEE_OPERATOR_ROLE, operator)
+
+
+async def register_tee(rpc_url: str, operator_key: str, registry: str, public_key_der: bytes, *,
+                       endpoint: str, payment_address: str, tls_certificate: bytes = b"",
+                       tee_type: int = TEE_TYPE_LLM_PROXY,
+                       pcr_hash: bytes = b"\x00" * 32) -> str:
+    """Register an enabled TEE (owner = the operator) whose signing key is `public_key_der`, an RSA
+    SubjectPublicKeyInfo in DER; returns the tee id `0x` + keccak256(DER) hex."""
+    async with connect(rpc_url) as w3:
+        contract = contract_at(w3, await _artifact("TEERegistry"), registry)
+        data = contract.encode_abi("registerTEE", [
+            bytes(public_key_der), bytes(tls_certificate), to_checksum_address(payment_address),
+            endpoint, tee_type, bytes(pcr_hash)])
+    await transact(rpc_url, operator_key, registry, data, what="TEERegistry.registerTEE")
+    return "0x" + keccak(bytes(public_key_der)).hex()
+
+
+async def set_tee_enabled(rpc_url: str, key: str, registry: str, tee_id: bytes | str,
+                          enabled: bool) -> str | None:
+    """Enable or disable a TEE as its owner-operator or an admin. Returns the tx hash, or None when
+    the TEE already is in that state (nothing sent)."""
+    tee = bytes.fromhex(tee_id.removeprefix("0x")) if isinstance(tee_id, str) else bytes(tee_id)
+    async with connect(rpc_url) as w3:
+        contract = contract_at(w3, await _artifact("TEERegistry"), registry)
+        if await contract.functions.isTEEEnabled(tee).call() == enabled:
+            return None
+        function = "enableTEE" if enabled else "disableTEE"
+        data = contract.encode_abi(function, [tee])
+    receipt = await transact(rpc_url, key, registry, data, what=f"TEERegistry.{function}")
+    return receipt["transactionHash"].to_0x_hex()
+
+
+async def deploy_settlement_relay(rpc_url: str, deployer_key: str,
+                                  tee_registry: str | None = None) -> str:
+    """Deploy an InferenceSettlementRelay; the deployer gets DEFAULT_ADMIN_ROLE and
+    SETTLEMENT_RELAY_ROLE. With `tee_registry`, `settleIndividual` verifies the TEE's RSA-PSS
+    signature against it (as OpenGradient's relay does); without, it only emits."""
+    registry = to_checksum_address(tee_registry) if tee_registry else "0x" + "00" * 20
+    return await deploy(rpc_url, deployer_key, "InferenceSettlementRelay", registry)
+
+
+async def add_relayer(rpc_url: str, admin_key: str, relay: str, relayer: str) -> str:
+    """Grant SETTLEMENT_RELAY_ROLE on `relay` to `relayer` (admin only); returns the tx hash."""
+    return await _role_tx(rpc_url, admin_key, "InferenceSettlementRelay", relay, "grantRole",
+                          SETTLEMENT_RELAY_ROLE, relayer)

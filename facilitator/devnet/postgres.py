@@ -7,12 +7,11 @@ Layout of `data_dir`: `pgdata/` (the cluster), `server.log` (server output, appe
 unix socket). Listening is on 127.0.0.1 only, with trust auth, so the DSN carries no secret.
 
 Guarantees
-- `start()` returns the DSN only after `pg_ctl -w` reported the server ready *and* asyncpg connected
-  with that DSN. An initialized `data_dir` is reused (no initdb); a server left running on it by a
-  process that died is stopped first. If `start()` fails, no server process is left behind.
+- `start()` returns the DSN only once asyncpg has connected with it and run a query. An initialized
+  `data_dir` is reused (no initdb); a server left running on it by a process that died is stopped
+  first. If `start()` fails, no server process is left behind.
 - `stop()` is idempotent and returns only once no server process of this cluster is alive: fast
-  shutdown, then immediate, then SIGKILL. It signals the postmaster itself (what `pg_ctl stop`
-  does), so it works even when the server's user can no longer reach `data_dir` (see below).
+  shutdown, then immediate, then SIGKILL.
 - `restart()` keeps the port, so a DSN handed out earlier stays valid.
 - `durable=False` (default) turns fsync, synchronous_commit and full_page_writes off: fast, but a
   machine crash may lose the cluster. `durable=True` keeps PostgreSQL's defaults (crash tests).
@@ -21,17 +20,21 @@ Guarantees
 - PostgreSQL refuses to run as root, so as root the binaries run as the `postgres` system user via
   `runuser`: `data_dir` is chowned to it, and each parent directory of `data_dir` that user cannot
   traverse gets o+x (nothing else changes). As any other user the binaries run as that user.
-  Someone may take that o+x away again: every pytest session run as root resets
-  `/tmp/pytest-of-root` to 0700. A running server does not care (it works relative to its data
-  directory); `start()` re-applies the o+x and retries when initdb or the start lost access.
+- That o+x may be taken away again: every pytest session run as root resets `/tmp/pytest-of-root`
+  to 0700. A running server does not care (it works relative to its data directory), and neither
+  do readiness checks and stops, which we do ourselves instead of through `pg_ctl` (pg_ctl would
+  reach pgdata by its absolute path, and `pg_ctl start -w` then waits out its whole timeout).
+  Only initdb and the first moments of the postmaster need the path; `start()` re-applies the o+x
+  and retries when they lost access.
 - A cluster still running when the interpreter exits normally gets a fast-shutdown signal from an
   atexit hook; after SIGKILL of our process the next `start()` on the same `data_dir` cleans up.
 
-Backends: Debian's binaries (the highest `/usr/lib/postgresql/<version>/bin` that has initdb, pg_ctl
-and postgres), else the binaries bundled in the `pgserver` wheel (`pip install 'facilitator[devnet]'`).
-Both are driven the same way (initdb + pg_ctl, TCP on 127.0.0.1); pgserver's own Python API is not
-used because, as root, it silently creates a system user and it offers no restart or kill.
-`FACILITATOR_PG_BACKEND=debian|pgserver` forces one.
+Backends: Debian's binaries (the highest `/usr/lib/postgresql/<version>/bin` that has initdb,
+pg_ctl and postgres), else the binaries bundled in the `pgserver` wheel (`pip install
+'facilitator[devnet]'`). Both are driven the same way and give the same kind of DSN (TCP on
+127.0.0.1). pgserver's own Python API is not used: as root it silently creates a system user, it
+is synchronous, and it offers no restart or kill. `FACILITATOR_PG_BACKEND=debian|pgserver` forces
+one.
 
 Not supported: two `PostgresCluster` objects on one `data_dir` at the same time.
 """
@@ -46,7 +49,6 @@ import logging
 import os
 import pwd
 import re
-import shlex
 import shutil
 import signal
 import socket
@@ -63,6 +65,7 @@ log = logging.getLogger(__name__)
 
 BACKEND_ENV = "FACILITATOR_PG_BACKEND"
 DEBIAN_ROOT = Path("/usr/lib/postgresql")
+# pg_ctl is not run, but a bin dir without it is a broken or partial installation.
 REQUIRED_PROGRAMS = ("initdb", "pg_ctl", "postgres")
 SERVER_OS_USER = "postgres"  # the account the binaries run as when we are root
 DB_USER = "postgres"
@@ -73,7 +76,7 @@ INITDB_TIMEOUT_S = 120.0
 START_TIMEOUT_S = 60.0  # also covers crash recovery after an immediate stop or a kill
 STOP_TIMEOUT_S = 30.0
 KILL_TIMEOUT_S = 10.0
-CONNECT_TIMEOUT_S = 10.0
+POLL_INTERVAL_S = 0.01
 PORT_ATTEMPTS = 3
 ACCESS_ATTEMPTS = 3
 LOG_TAIL_BYTES = 4000
@@ -178,10 +181,11 @@ class PostgresCluster:
         self.durable = durable
         self.backend = backend or find_backend()
         self._port = port
-        # A port we picked ourselves may be retried with another one if someone grabbed it,
-        # but only until a DSN has been handed out.
+        # A port we picked ourselves may be replaced if someone grabbed it before the server
+        # bound it, but only until a DSN has been handed out.
         self._may_change_port = port is None
         self._started = False
+        self._launcher: asyncio.subprocess.Process | None = None
 
     # ---- public API
 
@@ -216,7 +220,6 @@ class PostgresCluster:
         if self.is_running():
             log.warning("stopping a server left running on %s", self.pgdata)
             await self._shutdown("fast")
-        self._remove_stale_lock_files()
         try:
             await self._initialize_and_start()
         except BaseException:
@@ -236,7 +239,7 @@ class PostgresCluster:
 
     async def restart(self, mode: StopMode = "fast") -> str:
         """Stop (`immediate` skips the shutdown checkpoint, like a crash) and start on the same port."""
-        if mode not in ("fast", "immediate"):
+        if mode not in STOP_SIGNALS:
             raise ValueError(f"restart mode must be 'fast' or 'immediate', not {mode!r}")
         await self._shutdown(mode)
         return await self.start()
@@ -245,6 +248,7 @@ class PostgresCluster:
         """SIGKILL the postmaster and all its children at once (a crash of the whole server)."""
         self._forget_running()
         await self._kill_server_processes()
+        await self._reap_launcher()
 
     async def __aenter__(self) -> PostgresCluster:
         await self.start()
@@ -283,10 +287,10 @@ class PostgresCluster:
             ) from None
 
     def _remove_stale_lock_files(self) -> None:
-        # After a kill, the dead postmaster stays a zombie until init reaps it (~1.5 s under this
-        # VM's init), and a zombie passes PostgreSQL's kill(pid, 0) test for "another postmaster
-        # is running" in both lock files. The caller checked that no server process serves pgdata,
-        # so these files are stale; the socket dir holds nothing but this cluster's files.
+        # A killed postmaster may stay a zombie until init reaps it (~1.5 s under this VM's init),
+        # and a zombie passes PostgreSQL's kill(pid, 0) test for "another postmaster is running"
+        # in both lock files. Called only when no server process serves pgdata, so these files
+        # are stale; the socket dir holds nothing but this cluster's files.
         stale = [self.pgdata / "postmaster.pid", *self._socket_dir().glob(".s.PGSQL.*")]
         for path in stale:
             with contextlib.suppress(FileNotFoundError):
@@ -301,7 +305,7 @@ class PostgresCluster:
         socket_file = self._socket_dir() / ".s.PGSQL.65535"
         return str(self._socket_dir()) if len(os.fsencode(socket_file)) <= SUN_PATH_MAX else ""
 
-    # ---- initdb / pg_ctl
+    # ---- initdb and postmaster
 
     async def _initialize_and_start(self) -> None:
         for attempt in range(1, ACCESS_ATTEMPTS + 1):
@@ -315,8 +319,7 @@ class PostgresCluster:
                     raise
             log.warning("%s lost access to %s while starting; restoring o+x and retrying",
                         SERVER_OS_USER, self.data_dir)
-            await self._shutdown("immediate")  # a postmaster may be up although pg_ctl failed
-            self._remove_stale_lock_files()
+            await self._shutdown("immediate")
             self._prepare_data_dir()
 
     async def _initdb(self) -> None:
@@ -327,7 +330,7 @@ class PostgresCluster:
                 timeout=INITDB_TIMEOUT_S, what="initdb",
             )
         except PostgresError:
-            # initdb cleans up after itself only if it still can reach pgdata; a half-initialized
+            # initdb cleans up after itself only if it can still reach pgdata; a half-initialized
             # cluster would later fail to start with a misleading error.
             shutil.rmtree(self.pgdata, ignore_errors=True)
             raise
@@ -338,22 +341,27 @@ class PostgresCluster:
                 self._port = _free_port()
             log_offset = _file_size(self.log_path)
             try:
-                await self._pg_ctl_start()
-                break
+                await self._launch_postmaster()
+                await self._wait_until_ready()
+                return
             except PostgresError:
                 lost_race = "could not bind" in _read_from(self.log_path, log_offset)
                 if not (lost_race and self._may_change_port and attempt < PORT_ATTEMPTS):
                     raise
                 self._port = None
-        await self._wait_until_connectable()
 
-    async def _pg_ctl_start(self) -> None:
-        await self._run(
-            [self.backend.program("pg_ctl"), "start", "-D", str(self.pgdata), "-w",
-             "-t", str(int(START_TIMEOUT_S)), "-l", str(self.log_path),
-             "-o", shlex.join(self._server_args())],  # pg_ctl hands -o to /bin/sh
-            timeout=START_TIMEOUT_S + 5, what=f"pg_ctl start (port {self._port})",
-        )
+    async def _launch_postmaster(self) -> None:
+        """Spawn the postmaster in its own session, so it outlives neither more nor less than
+        we let it: Ctrl-C in our terminal does not reach it, stop() does."""
+        self._remove_stale_lock_files()
+        # Opened by us and inherited: the server never needs to reach the log by its path.
+        with open(self.log_path, "ab") as server_log:
+            self._launcher = await asyncio.create_subprocess_exec(
+                *self._as_server_user([self.backend.program("postgres"), "-D", str(self.pgdata),
+                                       *self._server_args()]),
+                stdin=subprocess.DEVNULL, stdout=server_log, stderr=subprocess.STDOUT,
+                cwd=self.data_dir, env=_child_env(), start_new_session=True,
+            )
 
     def _server_args(self) -> list[str]:
         args = ["-c", "listen_addresses=127.0.0.1", "-p", str(self._port),
@@ -363,25 +371,41 @@ class PostgresCluster:
                      "-c", "full_page_writes=off"]
         return args
 
-    async def _wait_until_connectable(self) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + CONNECT_TIMEOUT_S
+    async def _wait_until_ready(self) -> None:
+        """Until asyncpg, through the DSN, reaches *this* server; fails fast if it exits."""
+        deadline = time.monotonic() + START_TIMEOUT_S
         while True:
-            try:
-                connection = await asyncpg.connect(self.dsn, timeout=2)
-                try:
-                    await connection.fetchval("SELECT 1")
-                    return
-                finally:
-                    await connection.close()
-            except (OSError, asyncio.TimeoutError, asyncpg.PostgresError,
-                    asyncpg.InterfaceError) as exc:
-                if loop.time() > deadline:
-                    raise PostgresError(
-                        f"pg_ctl reported the server ready but {self.dsn} refused asyncpg for "
-                        f"{CONNECT_TIMEOUT_S} s: {exc!r}{self._log_tail()}"
-                    ) from exc
-            await asyncio.sleep(0.05)
+            if self._launcher is not None and self._launcher.returncode is not None:
+                raise PostgresError(
+                    f"postgres exited with code {self._launcher.returncode} while starting on "
+                    f"port {self._port}{self._log_tail()}"
+                )
+            data_directory, problem = await self._ask_unless_exited()
+            if data_directory in (str(self.pgdata), str(self.pgdata.resolve())):
+                return
+            if data_directory is not None:  # another server answers on our port
+                problem = f"port {self._port} is served by the cluster in {data_directory}"
+            if time.monotonic() > deadline:
+                raise PostgresError(
+                    f"postgres did not accept connections on port {self._port} within "
+                    f"{START_TIMEOUT_S:.0f} s (last: {problem}){self._log_tail()}"
+                )
+            await asyncio.sleep(POLL_INTERVAL_S)
+
+    async def _ask_unless_exited(self) -> tuple[str | None, str]:
+        """`_ask_data_directory`, abandoned as soon as the postmaster we launched exits."""
+        asking = asyncio.ensure_future(_ask_data_directory(self.dsn))
+        if self._launcher is None:
+            return await asking
+        exiting = asyncio.ensure_future(self._launcher.wait())
+        await asyncio.wait({asking, exiting}, return_when=asyncio.FIRST_COMPLETED)
+        exiting.cancel()
+        if asking.done():
+            return asking.result()
+        asking.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asking
+        return None, "postgres exited"
 
     # ---- shutdown
 
@@ -390,15 +414,15 @@ class PostgresCluster:
         modes: tuple[StopMode, ...] = ("fast", "immediate") if first_mode == "fast" else ("immediate",)
         for mode in modes:
             if not self.is_running():
-                return
+                break
             await self._signal_postmaster(mode)
         if self.is_running():
             log.warning("postgres on %s ignored the shutdown signals; sending SIGKILL", self.pgdata)
             await self._kill_server_processes()
+        await self._reap_launcher()
 
     async def _signal_postmaster(self, mode: StopMode) -> None:
-        """What `pg_ctl stop -m <mode> -w` does, but as ourselves: pg_ctl would have to run as the
-        server's user and reach pgdata by its absolute path, which may no longer be allowed."""
+        """What `pg_ctl stop -m <mode> -w` does, without needing the path to pgdata."""
         pid = self._postmaster_pid()
         if pid is None:
             return  # only orphaned children left: the caller escalates to SIGKILL
@@ -406,7 +430,7 @@ class PostgresCluster:
             os.kill(pid, STOP_SIGNALS[mode])
         deadline = time.monotonic() + STOP_TIMEOUT_S
         while self.is_running() and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(POLL_INTERVAL_S)
 
     async def _kill_server_processes(self) -> None:
         deadline = time.monotonic() + KILL_TIMEOUT_S
@@ -416,20 +440,28 @@ class PostgresCluster:
                     os.kill(pid, signal.SIGKILL)
             if time.monotonic() > deadline:
                 raise PostgresError(f"postgres processes {pids} survived SIGKILL{self._log_tail()}")
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(POLL_INTERVAL_S)
+
+    async def _reap_launcher(self) -> None:
+        # The process we spawned (runuser, or the postmaster itself) exits with the server;
+        # collect its status so no zombie and no asyncio warning stays behind.
+        launcher, self._launcher = self._launcher, None
+        if launcher is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(launcher.wait(), KILL_TIMEOUT_S)
 
     def _server_pids(self) -> list[int]:
         """Live postgres processes (postmaster and children) serving our pgdata.
 
-        Identified by /proc rather than postmaster.pid: the pid file is stale after a kill and
-        does not list the children. Every server process runs the `postgres` executable with its
-        working directory in pgdata; zombies have no cwd and are skipped.
+        Found through /proc rather than postmaster.pid, which is stale after a kill and does not
+        list the children: every server process runs the `postgres` executable with its working
+        directory in pgdata. Zombies have no working directory and are skipped.
         """
         pgdata = str(self.pgdata.resolve())
         return [pid for pid in _all_pids() if _serves(pid, pgdata)]
 
     def _postmaster_pid(self) -> int | None:
-        """The postmaster's pid from postmaster.pid, if that process is alive and serves pgdata."""
+        """The pid in postmaster.pid, if that process is alive and serves pgdata."""
         try:
             first_line = (self.pgdata / "postmaster.pid").read_text().split("\n", 1)[0]
         except OSError:
@@ -444,6 +476,7 @@ class PostgresCluster:
     # ---- subprocesses
 
     async def _run(self, argv: list[str], *, timeout: float, what: str) -> str:
+        """Run a program to completion (as the server's account when we are root)."""
         process = await asyncio.create_subprocess_exec(
             *self._as_server_user(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, cwd=self.data_dir, env=_child_env(),
@@ -483,6 +516,20 @@ class PostgresCluster:
 # ---------------------------------------------------------------- helpers
 
 
+async def _ask_data_directory(dsn: str) -> tuple[str | None, str]:
+    """The data directory of the server behind `dsn`, or None and why it could not be asked."""
+    try:
+        # Short: a starting server answers at once ("starting up"), and a port squatter that
+        # is not PostgreSQL must not stall the loop that notices our postmaster has exited.
+        connection = await asyncpg.connect(dsn, timeout=1)
+        try:
+            return str(await connection.fetchval("SHOW data_directory")), ""
+        finally:
+            await connection.close()
+    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        return None, repr(exc)
+
+
 def _free_port() -> int:
     """A currently unused TCP port on 127.0.0.1 (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -492,7 +539,7 @@ def _free_port() -> int:
 
 def _child_env() -> dict[str, str]:
     # PG* variables of the operator's shell (PGPORT, PGDATA, PGOPTIONS ...) would silently change
-    # what initdb/pg_ctl/postgres do; the cluster must behave the same everywhere.
+    # what initdb and postgres do; the cluster must behave the same everywhere.
     return {key: value for key, value in os.environ.items() if not key.startswith("PG")}
 
 
@@ -509,7 +556,7 @@ def _make_parents_traversable(path: Path, account: pwd.struct_passwd) -> None:
 
 def _parents_traversable(path: Path, account: pwd.struct_passwd) -> bool:
     groups = set(os.getgrouplist(account.pw_name, account.pw_gid))
-    return all(_can_traverse(p.stat(), account.pw_uid, groups) for p in path.parents)
+    return all(_can_traverse(parent.stat(), account.pw_uid, groups) for parent in path.parents)
 
 
 def _can_traverse(st: os.stat_result, uid: int, groups: set[int]) -> bool:
@@ -569,5 +616,5 @@ def _stop_leftover_clusters() -> None:
     for pgdata, pid in list(_RUNNING.items()):
         if pid and _serves(pid, str(pgdata.resolve())):  # not a recycled pid
             with contextlib.suppress(OSError):
-                os.kill(pid, STOP_SIGNALS["fast"])  # the server finishes shutting down on its own
+                os.kill(pid, STOP_SIGNALS["fast"])  # the server finishes shutting down alone
     _RUNNING.clear()

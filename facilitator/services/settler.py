@@ -197,7 +197,10 @@ class Settler:
                 error_message="settlement broadcast; receipt not yet available, retry the same "
                               "request for the final result", transaction=row.tx_hash_hex,
                 payer=payer, extensions=_extensions(row.public_id, row.state))
-        return _failure(wire_network, payer, _reason(row.reason), row.message or "", row)
+        # A stored failure names the transaction only if one was mined (reverted or expired).
+        return _failure(wire_network, payer, _reason(row.reason), row.message or "", row,
+                        row.tx_hash_hex if row.block_number is not None or
+                        row.reason == str(Reason.TRANSACTION_FAILED) else "")
 
     def _on_sent(self, job: Job, tx: SignedTx, known: bool) -> None:
         self._metrics.settle_phase_seconds.labels(self.network.key, "broadcast").observe(
@@ -254,11 +257,9 @@ def _reason(value: str | None) -> Reason:
         return Reason.UNEXPECTED_SETTLE_ERROR
 
 
-def _failure(wire_network: str, payer: str, reason: Reason, message: str,
-             row: SettlementRow) -> SettleResponse:
+def _failure(wire_network: str, payer: str, reason: Reason, message: str, row: SettlementRow,
+             transaction: str = "") -> SettleResponse:
     return SettleResponse(success=False, network=wire_network, error_reason=reason,
-                          error_message=message, payer=payer,
-                          transaction=row.tx_hash_hex if row.state != State.FAILED or
-                          row.reason == str(Reason.TRANSACTION_FAILED) else "",
+                          error_message=message, payer=payer, transaction=transaction,
                           extensions=_extensions(row.public_id, row.state))
 

@@ -1,0 +1,205 @@
+"""Shared test harness: a real anvil chain with the USDC test token, a real PostgreSQL database,
+a running facilitator, and helpers to sign genuine EIP-3009 payments.
+
+Nothing here is mocked: payments are signed with eth_account, checked by the facilitator over
+HTTP, and settled on anvil; the database is a private PostgreSQL cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+
+from facilitator.app import Facilitator
+from facilitator.config import load_settings
+from facilitator.devnet import contracts
+from facilitator.devnet.anvil import DEV_KEYS, Anvil, free_port
+
+CHAIN_ID = 84532
+NETWORK = "eip155:84532"
+V1_NETWORK = "base-sepolia"
+USDC = contracts.CANONICAL_USDC
+OWNER_KEY = DEV_KEYS[0]
+ETHER = 10**18
+
+
+async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout_s: float = 10.0,
+                     interval_s: float = 0.05, what: str = "condition") -> None:
+    """Poll an async predicate until true; fail loudly after `timeout_s` (no blind sleeps)."""
+    deadline = time.monotonic() + timeout_s
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(interval_s)
+
+
+@dataclass
+class DevChain:
+    """One anvil (Base Sepolia chain id) with TestUSDC at the canonical address."""
+
+    anvil: Anvil
+    usdc: str
+
+    @classmethod
+    async def start(cls, **anvil_args: Any) -> DevChain:
+        anvil = await Anvil(chain_id=CHAIN_ID, **anvil_args).start()
+        usdc = await contracts.install_usdc(anvil.url, OWNER_KEY)
+        return cls(anvil, usdc)
+
+    @property
+    def url(self) -> str:
+        return self.anvil.url
+
+    async def stop(self) -> None:
+        await self.anvil.stop()
+
+    async def rpc(self, method: str, params: list[Any]) -> Any:
+        return await self.anvil.rpc(method, params)
+
+    async def new_payer(self, usdc_amount: int = 1_000 * 10**6) -> LocalAccount:
+        payer = Account.create()
+        if usdc_amount:
+            await contracts.mint(self.url, OWNER_KEY, self.usdc, payer.address, usdc_amount)
+        return payer
+
+    async def new_funded_key(self, ether: int = 100) -> str:
+        key = "0x" + secrets.token_hex(32)
+        address = Account.from_key(key).address
+        await self.rpc("anvil_setBalance", [address, hex(ether * ETHER)])
+        return key
+
+    async def token_balance(self, holder: str, token: str | None = None) -> int:
+        data = "0x70a08231" + "00" * 12 + holder[2:].lower()
+        result = await self.rpc("eth_call", [{"to": token or self.usdc, "data": data}, "latest"])
+        return int(result, 16)
+
+    async def transfer_logs_to(self, pay_to: str, token: str | None = None) -> list[dict[str, Any]]:
+        topic = "0xddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"
+        return await self.rpc("eth_getLogs", [{
+            "address": token or self.usdc, "fromBlock": "0x0", "toBlock": "latest",
+            "topics": [topic, None, "0x" + "00" * 12 + pay_to[2:].lower()]}])
+
+    async def block_number(self) -> int:
+        return int(await self.rpc("eth_blockNumber", []), 16)
+
+    async def mine(self, blocks: int = 1) -> None:
+        await self.rpc("anvil_mine", [hex(blocks)])
+
+    async def set_automine(self, enabled: bool) -> None:
+        await self.rpc("evm_setAutomine", [enabled])
+
+    async def chain_time(self) -> int:
+        block = await self.rpc("eth_getBlockByNumber", ["latest", False])
+        return int(block["timestamp"], 16)
+
+
+def requirements(pay_to: str, amount: int = 10_000, *, asset: str = USDC,
+                 network: str = NETWORK, name: str = "USDC", version: str = "2",
+                 max_timeout_s: int = 300) -> dict[str, Any]:
+    return {"scheme": "exact", "network": network, "amount": str(amount), "asset": asset,
+            "payTo": pay_to, "maxTimeoutSeconds": max_timeout_s,
+            "extra": {"name": name, "version": version}}
+
+
+def requirements_v1(pay_to: str, amount: int = 10_000, *, asset: str = USDC,
+                    network: str = V1_NETWORK) -> dict[str, Any]:
+    return {"scheme": "exact", "network": network, "maxAmountRequired": str(amount),
+            "resource": "http://127.0.0.1/paid", "description": "test resource",
+            "mimeType": "application/json", "payTo": pay_to, "maxTimeoutSeconds": 300,
+            "asset": asset, "extra": {"name": "USDC", "version": "2"}}
+
+
+def sign_authorization(payer: LocalAccount, *, to: str, value: int, asset: str = USDC,
+                       valid_after: int = 0, valid_before: int | None = None,
+                       nonce: bytes | None = None, name: str = "USDC", version: str = "2",
+                       chain_id: int = CHAIN_ID, signer: LocalAccount | None = None,
+                       from_: str | None = None) -> dict[str, Any]:
+    """An EIP-3009 `exact` payload `{signature, authorization}` signed for real."""
+    nonce = nonce if nonce is not None else os.urandom(32)
+    valid_before = valid_before if valid_before is not None else int(time.time()) + 300
+    from_ = from_ or payer.address
+    typed = contracts.authorization_typed_data(
+        token=asset, chain_id=chain_id, from_=from_, to=to, value=value,
+        valid_after=valid_after, valid_before=valid_before, nonce=nonce, name=name,
+        version=version)
+    signature = (signer or payer).sign_typed_data(full_message=typed).signature
+    return {"signature": "0x" + bytes(signature).hex(),
+            "authorization": {"from": from_, "to": to, "value": str(value),
+                              "validAfter": str(valid_after), "validBefore": str(valid_before),
+                              "nonce": "0x" + nonce.hex()}}
+
+
+def body_v2(payload: dict[str, Any], reqs: dict[str, Any],
+            accepted: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"x402Version": 2,
+            "paymentPayload": {"x402Version": 2, "accepted": accepted or reqs, "payload": payload,
+                               "resource": {"url": "http://127.0.0.1/paid"}},
+            "paymentRequirements": reqs}
+
+
+def body_v1(payload: dict[str, Any], reqs: dict[str, Any]) -> dict[str, Any]:
+    return {"x402Version": 1,
+            "paymentPayload": {"x402Version": 1, "scheme": "exact", "network": reqs["network"],
+                               "payload": payload},
+            "paymentRequirements": reqs}
+
+
+def pay(payer: LocalAccount, pay_to: str, amount: int = 10_000, **sign_args: Any
+        ) -> dict[str, Any]:
+    """A complete, valid v2 /verify or /settle body."""
+    reqs = requirements(pay_to, amount)
+    return body_v2(sign_authorization(payer, to=pay_to, value=amount, **sign_args), reqs)
+
+
+@dataclass
+class RunningFacilitator:
+    service: Facilitator
+    env: dict[str, str]
+    http: httpx.AsyncClient = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.http = httpx.AsyncClient(base_url=self.service.url, timeout=60)
+
+    @property
+    def url(self) -> str:
+        return self.service.url
+
+    @property
+    def signer(self) -> str:
+        return self.service.settings.signer_key.address
+
+    async def verify(self, body: Any) -> dict[str, Any]:
+        response = await self.http.post("/verify", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    async def settle(self, body: Any) -> dict[str, Any]:
+        response = await self.http.post("/settle", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    async def stop(self) -> None:
+        await self.http.aclose()
+        await self.service.stop()
+
+
+async def start_facilitator(chain: DevChain, database_url: str, signer_key: str | None = None,
+                            **env_overrides: str) -> RunningFacilitator:
+    """A facilitator configured through its real configuration path (environment variables)."""
+    env = {"DATABASE_URL": database_url,
+           "FACILITATOR_SIGNER_KEY": signer_key or await chain.new_funded_key(),
+           "FACILITATOR_RPC_URLS": chain.url, "FACILITATOR_PORT": str(free_port()),
+           "FACILITATOR_HOST": "127.0.0.1", "FACILITATOR_RECEIPT_TIMEOUT_S": "15",
+           "FACILITATOR_DB_POOL_SIZE": "10", **env_overrides}
+    service = await Facilitator.create(load_settings(env))
+    await service.start()
+    return RunningFacilitator(service, env)
