@@ -7,7 +7,8 @@ import {SignatureChecker} from "./lib/SignatureChecker.sol";
 /// @notice A devnet/test stand-in for Circle's USDC (FiatToken v2.2): ERC-20 with 6 decimals plus
 ///         EIP-3009 transfer/receive/cancel authorizations in both the (v, r, s) and the
 ///         (bytes signature) overloads, with FiatToken's revert strings, because x402 facilitators
-///         map those strings to error codes.
+///         map those strings to error codes. As in v2.2, both overloads go through the same
+///         signature check (v, r, s is packed as r || s || v), so an ERC-1271 `from` works in both.
 /// @dev Built to be installed with `anvil_setCode` at the canonical USDC address of a chain (so
 ///      clients with hard-coded asset lists pay it unchanged): there is no constructor logic and no
 ///      immutable, everything lives in storage and is set once by `initialize`, and the EIP-712
@@ -175,7 +176,7 @@ contract TestUSDC {
         _transfer(from, to, value);
     }
 
-    /// @notice Signature-bytes overload (FiatToken v2.2): also accepts ERC-1271 wallets as `from`.
+    /// @notice Signature-bytes overload (FiatToken v2.2): ERC-1271 for a `from` with code, else ECDSA.
     function transferWithAuthorization(
         address from,
         address to,

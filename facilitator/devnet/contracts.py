@@ -130,7 +130,8 @@ async def _send(w3: AsyncWeb3, rpc_url: str, account: LocalAccount, tx: TxParams
         try:
             gas = await w3.eth.estimate_gas(tx)
         except ContractCustomError as exc:
-            raise ContractsError(f"{what} would revert: {decode_revert(exc.data)}") from exc
+            reason = await asyncio.to_thread(decode_revert, exc.data)  # may read artifacts
+            raise ContractsError(f"{what} would revert: {reason}") from exc
         except ContractLogicError as exc:
             raise ContractsError(f"{what} would revert: {exc.message or exc}") from exc
         tx["gas"] = gas * _GAS_MARGIN_NUM // _GAS_MARGIN_DEN
@@ -311,14 +312,13 @@ def _typed_data(token: str, chain_id: int, name: str, version: str, primary_type
 
 _SOLIDITY_ERROR = bytes.fromhex("08c379a0")   # Error(string)
 _SOLIDITY_PANIC = bytes.fromhex("4e487b71")   # Panic(uint256)
-_ARTIFACT_NAMES = ("TestUSDC", "SmartWallet", "OPGToken", "Permit2", "X402UptoPermit2Proxy",
-                   "TEERegistry", "InferenceSettlementRelay")
 
 
-def _abi_type(param: Mapping[str, Any]) -> str:
+def abi_type(param: Mapping[str, Any]) -> str:
+    """Canonical type of one ABI parameter, tuples expanded: `((address,uint256),uint256)`."""
     kind = str(param["type"])
     if kind.startswith("tuple"):
-        return "(" + ",".join(_abi_type(c) for c in param["components"]) + ")" + kind[5:]
+        return "(" + ",".join(abi_type(c) for c in param["components"]) + ")" + kind[5:]
     return kind
 
 
@@ -326,27 +326,36 @@ def _abi_type(param: Mapping[str, Any]) -> str:
 def _known_errors() -> dict[bytes, tuple[str, list[str]]]:
     """selector -> (error name, argument types) over every committed artifact's ABI."""
     known: dict[bytes, tuple[str, list[str]]] = {}
-    for name in _ARTIFACT_NAMES:
+    for path in sorted(ARTIFACTS_DIR.glob("*.json")):
         try:
-            abi = load_artifact(name).abi
-        except ContractsError:
+            abi = load_artifact(path.stem).abi
+        except (ContractsError, ValueError, KeyError):
             continue
         for item in abi:
             if item.get("type") != "error":
                 continue
-            types = [_abi_type(p) for p in item.get("inputs", [])]
+            types = [abi_type(p) for p in item.get("inputs", [])]
             selector = keccak(text=f"{item['name']}({','.join(types)})")[:4]
             known.setdefault(selector, (item["name"], types))
     return known
 
 
+def _show_arg(kind: str, value: Any) -> str:
+    if kind == "address":
+        return to_checksum_address(value)
+    if isinstance(value, bytes):
+        return "0x" + value.hex()
+    return str(value)
+
+
 def decode_revert(data: bytes | str | None) -> str:
     """Readable form of revert data: `Error(string)` gives the string, a custom error declared by
     one of this project's contracts gives e.g. `SignatureExpired(1700000000)` / `InvalidNonce()`,
-    anything else its hex. (Reads the artifacts once; cached.)"""
-    if data is None:
+    anything else its hex. The first call reads every artifact (blocking; cached after)."""
+    raw = b"" if data is None else (
+        bytes.fromhex(data.removeprefix("0x")) if isinstance(data, str) else bytes(data))
+    if not raw:
         return "execution reverted (no data)"
-    raw = bytes.fromhex(data.removeprefix("0x")) if isinstance(data, str) else bytes(data)
     selector, body = raw[:4], raw[4:]
     try:
         if selector == _SOLIDITY_ERROR:
@@ -356,9 +365,7 @@ def decode_revert(data: bytes | str | None) -> str:
         if selector in _known_errors():
             name, types = _known_errors()[selector]
             args = abi_decode(types, body) if types else ()
-            shown = ", ".join(
-                "0x" + a.hex() if isinstance(a, bytes) else str(a) for a in args)
-            return f"{name}({shown})"
+            return f"{name}({', '.join(_show_arg(t, a) for t, a in zip(types, args))})"
     except Exception:  # malformed arguments: fall through to hex
         pass
     return "0x" + raw.hex()
