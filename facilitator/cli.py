@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     devnet.add_argument("--block-time", type=float, default=None,
                         help="seconds per block (default: a block per transaction)")
     args = parser.parse_args(argv)
+    _use_fast_event_loop()
     try:
         return asyncio.run(_COMMANDS[args.command](args))
     except ConfigError as exc:
@@ -39,6 +40,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 0
+
+
+def _use_fast_event_loop() -> None:
+    """uvloop (libuv) roughly halves the per-request cost of the asyncio machinery;
+    FACILITATOR_EVENT_LOOP=asyncio keeps the standard loop (for debugging)."""
+    if os.environ.get("FACILITATOR_EVENT_LOOP", "uvloop") == "uvloop":
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 async def _serve(args: argparse.Namespace) -> int:

@@ -9,7 +9,10 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -24,11 +27,15 @@ _db_counter = itertools.count()
 
 
 @pytest.fixture(scope="session")
-async def pg_cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[PostgresCluster]:
-    cluster = PostgresCluster(tmp_path_factory.mktemp("postgres"))
+async def pg_cluster() -> AsyncIterator[PostgresCluster]:
+    # Not under pytest's tmp_path: every pytest session re-locks `pytest-of-<user>` to 0700,
+    # which would cut the `postgres` user off from a cluster of a concurrently running session.
+    directory = Path(tempfile.mkdtemp(prefix="facilitator-test-pg-"))
+    cluster = PostgresCluster(directory)
     await cluster.start()
     yield cluster
     await cluster.stop()
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def _dsn(cluster: PostgresCluster, database: str) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,11 +33,12 @@ RETRYABLE_HTTP = frozenset({429, 500, 502, 503, 504})
 
 
 @dataclass(slots=True)
-class _Call:
-    method: str
-    params: list[Any]
+class _Group:
+    """The calls of one `request_many`: they travel together and resolve one future."""
+
+    calls: Sequence[tuple[str, list[Any]]]
     retryable: bool
-    future: asyncio.Future[Any] = field(repr=False)
+    future: asyncio.Future[list[Any]] = field(repr=False)
     attempts: int = 0
 
 
@@ -62,17 +64,16 @@ class JsonRpcClient:
         self._slots = asyncio.Semaphore(max_concurrent_requests)
         self._max_queued = max_queued_calls
         self._retries = retries
-        self._queue: list[_Call] = []
+        self._queue: deque[_Group] = deque()
+        self._queued_calls = 0
         self._flush_scheduled = False
         self._preferred = 0
-        self._next_id = 0
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=64, ttl_dns_cache=300)
-        self._session = aiohttp.ClientSession(
-            connector=connector, timeout=self._timeout, json_serialize=lambda o: orjson.dumps(o).decode())
+        self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -91,33 +92,38 @@ class JsonRpcClient:
     async def request_many(
         self, calls: Sequence[tuple[str, list[Any]]], *, retryable: bool = True
     ) -> list[Any]:
-        """Several calls in one round trip where possible. Node errors are returned in place as
-        `RpcError` instances; `RpcUnavailable` is raised if any call got no answer."""
-        if len(self._queue) + len(calls) > self._max_queued:
+        """Several calls in one round trip (with whatever else is asked in this loop iteration).
+        Node errors are returned in place as `RpcError`; `RpcUnavailable` is raised when any
+        call got no answer."""
+        if self._queued_calls + len(calls) > self._max_queued:
             raise RpcUnavailable(f"{self._chain}: JSON-RPC queue full")
         loop = asyncio.get_running_loop()
-        pending = [_Call(m, p, retryable, loop.create_future()) for m, p in calls]
-        self._queue.extend(pending)
+        group = _Group(calls, retryable, loop.create_future())
+        self._enqueue([group])
+        return await group.future
+
+    def _enqueue(self, groups: list[_Group]) -> None:
+        self._queue.extend(groups)
+        self._queued_calls += sum(len(g.calls) for g in groups)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            loop.call_soon(self._flush)
-        results = await asyncio.gather(*(c.future for c in pending), return_exceptions=True)
-        for result in results:
-            if isinstance(result, RpcUnavailable):
-                raise result
-            if isinstance(result, BaseException) and not isinstance(result, RpcError):
-                raise result
-        return results
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
         while self._queue:
-            batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch:]
+            batch: list[_Group] = []
+            size = 0
+            while self._queue and (not batch or size + len(self._queue[0].calls) <= self._max_batch):
+                group = self._queue.popleft()
+                batch.append(group)
+                size += len(group.calls)
+            self._queued_calls -= size
             task = asyncio.get_running_loop().create_task(self._send(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _send(self, batch: list[_Call]) -> None:
+    async def _send(self, batch: list[_Group]) -> None:
         try:
             async with self._slots:
                 answers = await self._post(batch)
@@ -125,22 +131,17 @@ class JsonRpcClient:
             self._retry_or_fail(batch, exc)
             return
         except asyncio.CancelledError:
-            for call in batch:
-                if not call.future.done():
-                    call.future.set_exception(RpcUnavailable("client closed"))
+            for group in batch:
+                if not group.future.done():
+                    group.future.set_exception(RpcUnavailable("client closed"))
             raise
         self._deliver(batch, answers)
 
-    async def _post(self, batch: list[_Call]) -> dict[int, dict[str, Any]]:
+    async def _post(self, batch: list[_Group]) -> dict[int, Any]:
         assert self._session is not None, "start() first"
         index = self._preferred
-        ids = {}
-        body = []
-        for call in batch:
-            self._next_id += 1
-            ids[self._next_id] = call
-            body.append({"jsonrpc": "2.0", "id": self._next_id, "method": call.method,
-                         "params": call.params})
+        body = [{"jsonrpc": "2.0", "id": n, "method": method, "params": params}
+                for n, (method, params) in enumerate(c for g in batch for c in g.calls)]
         started = asyncio.get_running_loop().time()
         try:
             async with self._session.post(
@@ -156,64 +157,67 @@ class JsonRpcClient:
         except RpcUnavailable:
             self._rotate(index)
             raise
-        elapsed = asyncio.get_running_loop().time() - started
-        self._observe(batch, elapsed)
-        return self._index_answers(payload, ids, index)
+        self._observe(body, asyncio.get_running_loop().time() - started)
+        return self._index_answers(payload, index)
 
-    def _index_answers(self, payload: Any, ids: dict[int, _Call], index: int) -> dict[int, Any]:
+    def _index_answers(self, payload: Any, index: int) -> dict[int, Any]:
         if isinstance(payload, dict):  # some nodes answer a whole batch with one error object
             raise RpcUnavailable(f"{self._chain} rpc{index}: batch rejected: "
                                  f"{str(payload.get('error'))[:200]}")
         if not isinstance(payload, list):
             raise RpcUnavailable(f"{self._chain} rpc{index}: malformed batch answer")
-        by_call: dict[int, Any] = {}
-        for answer in payload:
-            if isinstance(answer, dict) and answer.get("id") in ids:
-                by_call[id(ids[answer["id"]])] = answer
-        return by_call
+        return {a["id"]: a for a in payload if isinstance(a, dict) and isinstance(a.get("id"), int)}
 
-    def _deliver(self, batch: list[_Call], answers: dict[int, Any]) -> None:
-        missing = []
-        for call in batch:
-            answer = answers.get(id(call))
-            if answer is None:
-                missing.append(call)
-            elif "error" in answer and answer["error"] is not None:
-                err = answer["error"]
-                self._metrics.rpc_errors.labels(self._chain, call.method, "node_error").inc()
-                if not call.future.done():
-                    call.future.set_result(RpcError(int(err.get("code", 0)),
-                                                    str(err.get("message", ""))[:1000],
-                                                    err.get("data")))
-            elif not call.future.done():
-                call.future.set_result(answer.get("result"))
+    def _deliver(self, batch: list[_Group], answers: dict[int, Any]) -> None:
+        position = 0
+        missing: list[_Group] = []
+        for group in batch:
+            results: list[Any] = []
+            for method, _ in group.calls:
+                answer = answers.get(position)
+                position += 1
+                if answer is None:
+                    break
+                results.append(self._result(method, answer))
+            if len(results) != len(group.calls):
+                missing.append(group)
+            elif not group.future.done():
+                group.future.set_result(results)
         if missing:
             self._retry_or_fail(missing, RpcUnavailable(f"{self._chain}: answer missing from batch"))
 
-    def _retry_or_fail(self, calls: list[_Call], error: RpcUnavailable) -> None:
+    def _result(self, method: str, answer: dict[str, Any]) -> Any:
+        error = answer.get("error")
+        if error is None:
+            return answer.get("result")
+        self._metrics.rpc_errors.labels(self._chain, method, "node_error").inc()
+        if not isinstance(error, dict):
+            return RpcError(0, str(error)[:1000])
+        return RpcError(int(error.get("code", 0)), str(error.get("message", ""))[:1000],
+                        error.get("data"))
+
+    def _retry_or_fail(self, groups: list[_Group], error: RpcUnavailable) -> None:
         retry = []
-        for call in calls:
-            self._metrics.rpc_errors.labels(self._chain, call.method, "transport").inc()
-            call.attempts += 1
-            if call.retryable and call.attempts <= self._retries:
-                retry.append(call)
-            elif not call.future.done():
-                call.future.set_exception(error)
+        for group in groups:
+            for method, _ in group.calls:
+                self._metrics.rpc_errors.labels(self._chain, method, "transport").inc()
+            group.attempts += 1
+            if group.retryable and group.attempts <= self._retries:
+                retry.append(group)
+            elif not group.future.done():
+                group.future.set_exception(error)
         if retry:
             delay = 0.05 * (2 ** (retry[0].attempts - 1)) * (0.5 + random.random())
             asyncio.get_running_loop().call_later(delay, self._requeue, retry)
 
-    def _requeue(self, calls: list[_Call]) -> None:
-        self._queue.extend(c for c in calls if not c.future.done())
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+    def _requeue(self, groups: list[_Group]) -> None:
+        self._enqueue([g for g in groups if not g.future.done()])
 
     def _rotate(self, failed_index: int) -> None:
         if self._preferred == failed_index:
             self._preferred = (failed_index + 1) % len(self._urls)
 
-    def _observe(self, batch: list[_Call], elapsed: float) -> None:
-        self._metrics.rpc_batch_size.labels(self._chain).observe(len(batch))
-        for call in batch:
-            self._metrics.rpc_seconds.labels(self._chain, call.method).observe(elapsed)
+    def _observe(self, body: list[dict[str, Any]], elapsed: float) -> None:
+        self._metrics.rpc_batch_size.labels(self._chain).observe(len(body))
+        for call in body:
+            self._metrics.rpc_seconds.labels(self._chain, call["method"]).observe(elapsed)

@@ -13,6 +13,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+import coincurve
 import rlp
 from eth_hash.auto import keccak
 
@@ -30,7 +31,7 @@ class SignerKey:
     def __init__(self, secret: bytes) -> None:
         if len(secret) != 32 or not any(secret):
             raise SignerKeyError("a signer key must be 32 non-zero bytes")
-        self._secret = secret
+        self._secret = coincurve.PrivateKey(secret)
         self.address = to_checksum(address_of(secret))
 
     @classmethod

@@ -43,9 +43,12 @@ def recover_address(digest: bytes, signature: bytes) -> str | None:
     return "0x" + keccak(public.format(compressed=False)[1:])[-20:].hex()
 
 
-def sign_digest(private_key: bytes, digest: bytes) -> bytes:
-    """65-byte `r || s || v` (v = 27/28) signature; used by the signer adapter and tests."""
-    raw = coincurve.PrivateKey(private_key).sign_recoverable(digest, hasher=None)
+def sign_digest(private_key: bytes | coincurve.PrivateKey, digest: bytes) -> bytes:
+    """65-byte `r || s || v` (v = 27/28) signature. Pass a `coincurve.PrivateKey` to avoid
+    re-deriving the public key on every call (it costs more than the signature)."""
+    key = private_key if isinstance(private_key, coincurve.PrivateKey) else \
+        coincurve.PrivateKey(private_key)
+    raw = key.sign_recoverable(digest, hasher=None)
     return raw[:64] + bytes([raw[64] + 27])
 
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from functools import lru_cache
 from typing import Any
 
-from eth_utils import keccak
+from eth_hash.auto import keccak
 
 UINT256_MAX = 2**256 - 1
 
@@ -95,8 +96,11 @@ def hex_bytes(value: Any, field: str, *, length: int | None = None, max_length: 
     return raw
 
 
+@lru_cache(maxsize=65_536)
 def to_checksum(addr: str) -> str:
-    """EIP-55 checksum form of a 0x-prefixed address (any case)."""
+    """EIP-55 checksum form of a 0x-prefixed address (any case). Cached: the same payers, payees
+    and assets recur on every request, and this is on the /verify hot path."""
     lower = addr[2:].lower()
-    digest = keccak(text=lower).hex()
-    return "0x" + "".join(c.upper() if int(digest[i], 16) >= 8 else c for i, c in enumerate(lower))
+    digest = keccak(lower.encode()).hex()
+    # A hex digit of the hash >= 8 upper-cases the letter at that position.
+    return "0x" + "".join(c.upper() if d > "7" else c for c, d in zip(lower, digest))

@@ -87,9 +87,8 @@ class FacilitatorService:
 
     async def _verify_checked(self, routed: _Routed, checked: Rejection | Checked
                               ) -> VerifyResponse:
-        payer = _payer_of(routed.request)
         if isinstance(checked, Rejection):
-            return VerifyResponse(False, checked.reason, checked.message, payer)
+            return VerifyResponse(False, checked.reason, checked.message, _payer_of(routed.request))
         try:
             verdict = await routed.services.exact.check_onchain(checked, for_settle=False)
         except RpcUnavailable as exc:

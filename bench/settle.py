@@ -1,0 +1,92 @@
+"""/settle throughput and latency with `--inflight` distinct payments in flight, for automine
+and for interval mining (1-second blocks by default).
+
+Method: a fresh devnet per mode (anvil, USDC at the canonical address, private PostgreSQL), the
+facilitator as its own process pinned to CPU 0; this load generator, anvil and PostgreSQL on
+CPU 1. Every payment is a distinct EIP-3009 authorization signed before the clock starts.
+`--inflight` workers each settle payments back to back (closed loop) until `--payments` have been
+answered. A settle counts as successful only with `success: true`; the on-chain Transfer count
+is checked against it afterwards. Prints one table per mode.
+
+    .venv/bin/python bench/settle.py [--payments 3000] [--inflight 300] [--block-time 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import devnet, percentile, table  # noqa: E402
+from eth_account import Account  # noqa: E402
+from harness import pay  # noqa: E402
+
+TRANSFER_TOPIC = "0xddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"
+
+
+async def run_mode(label: str, payments: int, inflight: int, block_time_s: float | None) -> None:
+    async with devnet(payers=50, block_time_s=block_time_s,
+                      env={"FACILITATOR_RECEIPT_TIMEOUT_S": "30"}) as bench:
+        pay_to = Account.create().address
+        bodies = [orjson.dumps(pay(bench.payers[i % len(bench.payers)], pay_to, 1_000 + i))
+                  for i in range(payments)]
+        latencies: list[float] = []
+        outcomes: dict[str, int] = {}
+        queue = list(reversed(bodies))
+        connector = aiohttp.TCPConnector(limit=inflight)
+        timeout = aiohttp.ClientTimeout(total=120)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            async def worker() -> None:
+                while queue:
+                    body = queue.pop()
+                    started = time.perf_counter()
+                    async with session.post(bench.facilitator_url + "/settle", data=body,
+                                            headers={"Content-Type": "application/json"}) as r:
+                        answer = orjson.loads(await r.read())
+                    latencies.append(time.perf_counter() - started)
+                    key = "success" if answer.get("success") else answer.get("errorReason", "?")
+                    outcomes[key] = outcomes.get(key, 0) + 1
+            began = time.monotonic()
+            await asyncio.gather(*(worker() for _ in range(inflight)))
+            elapsed = time.monotonic() - began
+        transfers = await bench.anvil.rpc("eth_getLogs", [{
+            "address": bench.usdc, "fromBlock": "0x0", "toBlock": "latest",
+            "topics": [TRANSFER_TOPIC, None, "0x" + "00" * 12 + pay_to[2:].lower()]}])
+    ok = outcomes.get("success", 0)
+    print(table([
+        ("benchmark", f"POST /settle (exact, EIP-3009), {label}"),
+        ("payments", f"{payments} distinct, {inflight} in flight"),
+        ("elapsed", f"{elapsed:.1f} s"),
+        ("outcomes", ", ".join(f"{k}={v}" for k, v in sorted(outcomes.items()))),
+        ("on-chain transfers", str(len(transfers))),
+        ("throughput", f"{ok / elapsed:,.0f} settled/s"),
+        ("latency p50", f"{percentile(latencies, 0.50) * 1000:.0f} ms"),
+        ("latency p99", f"{percentile(latencies, 0.99) * 1000:.0f} ms"),
+    ]))
+    print()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--payments", type=int, default=3000)
+    parser.add_argument("--inflight", type=int, default=300)
+    parser.add_argument("--block-time", type=float, default=1.0)
+    parser.add_argument("--mode", choices=("both", "automine", "interval"), default="both")
+    args = parser.parse_args()
+    if args.mode in ("both", "automine"):
+        asyncio.run(run_mode("automine", args.payments, args.inflight, None))
+    if args.mode in ("both", "interval"):
+        asyncio.run(run_mode(f"{args.block_time:g} s blocks", args.payments, args.inflight,
+                             args.block_time))
+
+
+if __name__ == "__main__":
+    main()
