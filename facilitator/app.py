@@ -21,6 +21,7 @@ from facilitator.adapters.store import Store
 from facilitator.config import NetworkSettings, Settings
 from facilitator.http.app import build_http_app
 from facilitator.protocol.networks import NetworkRegistry
+from facilitator.protocol.reasons import Reason
 from facilitator.schemes.exact import ExactEip3009Scheme
 from facilitator.services.broadcaster import Broadcaster, GasPolicy
 from facilitator.services.facilitator import FacilitatorService, NetworkServices
@@ -64,7 +65,8 @@ class Facilitator:
 
     @classmethod
     async def create(cls, settings: Settings) -> Facilitator:
-        metrics = Metrics()
+        metrics = Metrics(networks=tuple(ns.network.key for ns in settings.networks),
+                          causes=tuple(str(r) for r in Reason))
         store = await Store.connect(settings.database_url.reveal(), max_size=settings.db_pool_size)
         try:
             await store.migrate()

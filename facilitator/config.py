@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from decimal import Decimal
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,10 +117,10 @@ class _Reader:
         if found is None:
             return default
         value, name = found
-        try:
-            number = int(str(value).strip(), 10)
-        except ValueError:
-            raise ConfigError(f"{name} must be an integer, got {str(value)[:40]!r}") from None
+        text = str(value).strip()
+        if not re.fullmatch(r"-?[0-9]{1,19}", text, re.ASCII):
+            raise ConfigError(f"{name} must be an integer, got {text[:40]!r}")
+        number = int(text)
         if not low <= number <= high:
             raise ConfigError(f"{name} must be between {low} and {high}, got {number}")
         return number
@@ -130,10 +131,10 @@ class _Reader:
         if found is None:
             return default
         value, name = found
-        try:
-            number = float(str(value).strip())
-        except ValueError:
-            raise ConfigError(f"{name} must be a number, got {str(value)[:40]!r}") from None
+        text = str(value).strip()
+        if not re.fullmatch(r"-?[0-9]{1,12}(\.[0-9]{1,12})?", text, re.ASCII):
+            raise ConfigError(f"{name} must be a decimal number, got {text[:40]!r}")
+        number = float(text)
         if not low <= number <= high:
             raise ConfigError(f"{name} must be between {low} and {high}, got {number}")
         return number
@@ -142,7 +143,9 @@ class _Reader:
                ) -> str:
         value = self.text(var, default, toml)
         if value not in options:
-            raise ConfigError(f"{var} must be one of {', '.join(options)}, got {value[:40]!r}")
+            found = self._raw(var, toml)
+            name = found[1] if found is not None else var
+            raise ConfigError(f"{name} must be one of {', '.join(options)}, got {value[:40]!r}")
         return value
 
 
@@ -153,7 +156,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     key = _signer_key(env)
     database_url = Secret(read.text("DATABASE_URL"))
     networks = _networks(env, toml)
-    secrets = [database_url.reveal()] + [u.reveal() for n in networks for u in n.rpc_urls]
+    secrets = ([database_url.reveal()] + [u.reveal() for n in networks for u in n.rpc_urls]
+               + list(key.redaction_forms()))
     return Settings(
         host=read.text("FACILITATOR_HOST", "127.0.0.1", "server.host"),
         port=read.integer("FACILITATOR_PORT", 4022, "server.port", low=1, high=65535),
@@ -164,12 +168,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
                                       "settlement.receipt_timeout_s", low=0.1, high=600),
         gas_limit_cap=read.integer("FACILITATOR_GAS_LIMIT_CAP", 300_000,
                                    "settlement.gas_limit_cap", low=21_000, high=30_000_000),
-        max_fee_per_gas_cap_wei=int(read.number(
+        max_fee_per_gas_cap_wei=_gwei_to_wei(read.number(
             "FACILITATOR_MAX_FEE_GWEI", 50.0, "settlement.max_fee_gwei", low=1e-9,
-            high=100_000) * GWEI),
-        priority_fee_wei=int(read.number(
+            high=100_000)),
+        priority_fee_wei=_gwei_to_wei(read.number(
             "FACILITATOR_PRIORITY_FEE_GWEI", 0.001, "settlement.priority_fee_gwei", low=0,
-            high=10_000) * GWEI),
+            high=10_000)),
         rpc_timeout_s=read.number("FACILITATOR_RPC_TIMEOUT_S", 5.0, "rpc.timeout_s",
                                   low=0.1, high=120),
         receipt_poll_interval_s=read.number(
@@ -185,6 +189,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
                                "logging.format"),
         secrets=tuple(s for s in secrets if s),
     )
+
+
+def _gwei_to_wei(gwei: float) -> int:
+    """Exact for the decimals people write (1.001 gwei is 1001000000 wei, not ...999)."""
+    return int(Decimal(repr(gwei)) * GWEI)
 
 
 def _load_toml(path: str) -> Mapping[str, Any]:

@@ -28,6 +28,7 @@ import orjson
 
 from facilitator.adapters.metrics import Metrics
 from facilitator.ports import RpcError, RpcUnavailable
+from facilitator.invariant import invariant
 
 RETRYABLE_HTTP = frozenset({429, 500, 502, 503, 504})
 
@@ -55,7 +56,7 @@ class JsonRpcClient:
         max_queued_calls: int = 20_000,
         retries: int = 3,
     ) -> None:
-        assert urls, "at least one RPC URL"
+        invariant(urls, "at least one RPC URL")
         self._urls = list(urls)
         self._chain = chain
         self._metrics = metrics
@@ -138,7 +139,7 @@ class JsonRpcClient:
         self._deliver(batch, answers)
 
     async def _post(self, batch: list[_Group]) -> dict[int, Any]:
-        assert self._session is not None, "start() first"
+        invariant(self._session is not None, "start() first")
         index = self._preferred
         body = [{"jsonrpc": "2.0", "id": n, "method": method, "params": params}
                 for n, (method, params) in enumerate(c for g in batch for c in g.calls)]

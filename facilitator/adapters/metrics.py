@@ -17,8 +17,23 @@ SETTLE_BUCKETS = (.005, .01, .025, .05, .1, .25, .5, 1.0, 2.0, 4.0, 8.0, 15.0, 3
 NS = "facilitator"
 
 
+FAILURE_EXTRA_CAUSES = ("rpc_error", "signer_underfunded", "reverted", "receipt_timeout",
+                        "dropped", "reorged", "expired", "front_run", "gas_cap", "overloaded")
+AGE_BUCKETS = ("lt_30s", "lt_5m", "lt_1h", "ge_1h")
+PHASES = ("verify", "request_to_broadcast", "broadcast_to_inclusion", "inclusion_to_confirmation",
+          "end_to_end")
+
+
+def age_bucket(age_s: float) -> str:
+    if age_s < 30:
+        return "lt_30s"
+    if age_s < 300:
+        return "lt_5m"
+    return "lt_1h" if age_s < 3600 else "ge_1h"
+
+
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, networks: tuple[str, ...] = (), causes: tuple[str, ...] = ()) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.verify_total = Counter(
@@ -33,10 +48,39 @@ class Metrics:
         self.settle_seconds = Histogram(
             f"{NS}_settle_duration_seconds", "Time to answer /settle.", ["scheme", "network"],
             buckets=SETTLE_BUCKETS, registry=r)
-        self.settle_phase_seconds = Histogram(
-            f"{NS}_settle_phase_duration_seconds",
-            "Settlement phases: verify (checks before broadcast), broadcast (sign, store, send), "
-            "receipt (send to receipt).", ["network", "phase"], buckets=SETTLE_BUCKETS, registry=r)
+        self.settlement_latency = Histogram(
+            f"{NS}_settlement_latency_seconds",
+            "Settlement latency per phase: verify (checks before broadcast), request_to_broadcast,"
+            " broadcast_to_inclusion, inclusion_to_confirmation, end_to_end (request to "
+            "confirmation).", ["network", "phase"], buckets=SETTLE_BUCKETS, registry=r)
+        self.settlement_failures = Counter(
+            f"{NS}_settlement_failures", "Settlement failures and anomalies by cause (closed set: "
+            "every verification reason plus rpc_error, signer_underfunded, reverted, "
+            "receipt_timeout, dropped, reorged, expired, front_run, gas_cap, overloaded).",
+            ["network", "cause"], registry=r)
+        self.settlements_confirmed = Counter(
+            f"{NS}_settlements_confirmed", "Settlements that reached their confirmation depth.",
+            ["network", "settled_by"], registry=r)
+        self.settlements_unfinished = Gauge(
+            f"{NS}_settlements_unfinished", "Settlements not yet final, by state and age bucket.",
+            ["network", "state", "age"], registry=r)
+        self.watcher_head = Gauge(
+            f"{NS}_watcher_processed_block", "Highest block the chain watcher has processed.",
+            ["network"], registry=r)
+        self.chain_head = Gauge(
+            f"{NS}_chain_head_block", "Highest block the node reports.", ["network"], registry=r)
+        self.watcher_lag = Gauge(
+            f"{NS}_watcher_lag_blocks", "Chain head minus the watcher's processed block.",
+            ["network"], registry=r)
+        self.reorg_depth = Histogram(
+            f"{NS}_reorg_depth_blocks", "Reorgs detected by the watcher, by depth.", ["network"],
+            buckets=(1, 2, 3, 5, 10, 20, 50, 100, 200), registry=r)
+        self.watcher_halted = Gauge(
+            f"{NS}_watcher_halted", "1 when a reorg deeper than the maximum stopped confirmations "
+            "on this chain (critical: an operator must act).", ["network"], registry=r)
+        self.unmatched_transfers = Counter(
+            f"{NS}_unmatched_transfers", "Transfers to a watched payee that match no settlement.",
+            ["network"], registry=r)
         self.rpc_seconds = Histogram(
             f"{NS}_rpc_request_duration_seconds", "JSON-RPC round trip per call.",
             ["chain", "method"], buckets=FAST_BUCKETS, registry=r)
@@ -67,6 +111,28 @@ class Metrics:
         self.db_pool_connections = Gauge(
             f"{NS}_db_pool_connections", "Database pool connections by state (in_use | idle | max).",
             ["state"], registry=r)
+
+        self._initialise(networks, causes)
+
+    def _initialise(self, networks: tuple[str, ...], causes: tuple[str, ...]) -> None:
+        """Create every series of the closed label sets up front, so dashboards and alerts see
+        zeros instead of "no data" before the first event."""
+        for net in networks:
+            for phase in PHASES:
+                self.settlement_latency.labels(net, phase)
+            for cause in (*causes, *FAILURE_EXTRA_CAUSES):
+                self.settlement_failures.labels(net, cause)
+            for by in ("facilitator", "external"):
+                self.settlements_confirmed.labels(net, by)
+            for state in ("pending", "signed", "broadcast", "included"):
+                for age in AGE_BUCKETS:
+                    self.settlements_unfinished.labels(net, state, age).set(0)
+            self.reorg_depth.labels(net)
+            self.watcher_halted.labels(net).set(0)
+            self.unmatched_transfers.labels(net)
+            self.signer_underfunded.labels(net)
+            for cause in ("send_rejected", "nonce_taken"):
+                self.signer_nonce_resets.labels(net, cause)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -9,6 +9,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +39,14 @@ class SignerKey:
     def from_hex(cls, value: str) -> SignerKey:
         text = value.strip()
         text = text[2:] if text.startswith(("0x", "0X")) else text
-        try:
-            return cls(bytes.fromhex(text))
-        except ValueError:
-            raise SignerKeyError("a signer key must be 64 hex digits") from None
+        if not re.fullmatch(r"[0-9a-fA-F]{64}", text, re.ASCII):
+            raise SignerKeyError("a signer key must be 64 hex digits")
+        return cls(bytes.fromhex(text))
+
+    def redaction_forms(self) -> tuple[str, ...]:
+        """The spellings of the key a log line could contain, for the log redactor only."""
+        plain = self._secret.secret.hex()
+        return (plain, plain.upper())
 
     @classmethod
     def from_file(cls, path: Path) -> SignerKey:

@@ -21,6 +21,7 @@ from typing import Any
 import asyncpg
 
 from facilitator.core.settlement import SettlementIntent, SettledBy, State
+from facilitator.invariant import invariant
 
 MIGRATION_LOCK_KEY = 0x7834_3032  # "x402": serialises concurrent migrators
 _SETTLEMENT_COLUMNS = """id, public_id, scheme, x402_version, network, chain_id, asset, payer,
@@ -133,7 +134,7 @@ class Store:
         pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size,
                                          command_timeout=command_timeout_s,
                                          max_inactive_connection_lifetime=300.0)
-        assert pool is not None
+        invariant(pool is not None, "asyncpg returned a pool")
         return cls(pool)
 
     async def close(self) -> None:
@@ -182,7 +183,7 @@ class Store:
             SELECT {_SETTLEMENT_COLUMNS} FROM settlements
             WHERE chain_id = $1 AND asset = $2 AND payer = $3 AND nonce = $4""",
             intent.chain_id, _b(intent.asset), _b(intent.payer), intent.nonce)
-        assert existing is not None, "a conflicting row must exist"
+        invariant(existing is not None, "a conflicting row must exist")
         return Claim(SettlementRow.from_record(existing), created=False)
 
     async def reclaim_failed(self, settlement_id: int, intent: SettlementIntent

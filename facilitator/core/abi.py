@@ -85,16 +85,33 @@ def decode_string(result: str) -> str:
     return str(abi_decode(["string"], bytes.fromhex(result[2:]))[0])
 
 
+# Custom errors whose names the revert classifiers look for (OpenZeppelin v5, Permit2, x402 proxy).
+KNOWN_CUSTOM_ERRORS = {selector(sig): sig.split("(")[0] for sig in (
+    "ERC20InsufficientBalance(address,uint256,uint256)",
+    "ERC20InsufficientAllowance(address,uint256,uint256)",
+    "InvalidNonce()", "SignatureExpired(uint256)", "InvalidAmount(uint256)", "InvalidSigner()",
+    "InvalidSignature()", "InvalidSignatureLength()", "InvalidContractSignature()",
+    "AmountExceedsPermitted()", "UnauthorizedFacilitator()", "InvalidAmount()", "InvalidOwner()",
+    "InvalidDestination()", "PaymentTooEarly()", "Permit2612AmountMismatch()",
+)}
+
+
 def decode_revert(data: object, message: str) -> str:
-    """Human revert reason from an eth_call error's `data` (Error(string), Panic) or message."""
-    if isinstance(data, str) and data.startswith("0x") and len(data) >= 10:
+    """Human revert reason from an eth_call error's `data` — Error(string), Panic(uint256), a
+    known custom error's name — falling back to the node's message. Never raises."""
+    if not isinstance(data, str) or not data.startswith("0x") or len(data) < 10:
+        return message
+    try:
         raw = bytes.fromhex(data[2:])
-        try:
-            if raw[:4] == ERROR_STRING_SELECTOR:
-                return str(abi_decode(["string"], raw[4:])[0])
-            if raw[:4] == PANIC_SELECTOR:
-                return f"panic 0x{abi_decode(['uint256'], raw[4:])[0]:02x}"
-        except Exception:  # noqa: BLE001 - undecodable revert data falls back to the message
-            pass
-        return f"custom error 0x{raw[:4].hex()}"
-    return message
+    except ValueError:
+        return message
+    head = raw[:4]
+    try:
+        if head == ERROR_STRING_SELECTOR:
+            return str(abi_decode(["string"], raw[4:])[0])
+        if head == PANIC_SELECTOR:
+            return f"panic 0x{abi_decode(['uint256'], raw[4:])[0]:02x}"
+    except Exception:  # noqa: BLE001 - truncated or garbled data: the message says more
+        return message
+    name = KNOWN_CUSTOM_ERRORS.get(head)
+    return name if name is not None else f"custom error 0x{head.hex()}"

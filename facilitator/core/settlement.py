@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from facilitator.core.invariant import invariant
+from facilitator.invariant import invariant
 from facilitator.protocol.reasons import Reason
 
 

@@ -21,11 +21,12 @@ Guarantees
   `runuser`: `data_dir` is chowned to it, and each parent directory of `data_dir` that user cannot
   traverse gets o+x (nothing else changes). As any other user the binaries run as that user.
 - That o+x may be taken away again: every pytest session run as root resets `/tmp/pytest-of-root`
-  to 0700. A running server does not care (it works relative to its data directory), and neither
-  do readiness checks and stops, which we do ourselves instead of through `pg_ctl` (pg_ctl would
-  reach pgdata by its absolute path, and `pg_ctl start -w` then waits out its whole timeout).
-  Only initdb and the first moments of the postmaster need the path; `start()` re-applies the o+x
-  and retries when they lost access.
+  to 0700, which made a running server PANIC at its next checkpoint (it reopens pg_control through
+  the -D path). So as root the server gets `-D /proc/self/cwd` and runs in pgdata: that path does
+  not go through the parents. Readiness checks and stops are done by us, not by `pg_ctl` (which
+  reaches pgdata by its path, and `pg_ctl start -w` then waits out its whole timeout). Only initdb
+  and the launch of the postmaster still need the parents; `start()` re-applies the o+x and retries
+  when they lost access.
 - A cluster still running when the interpreter exits normally gets a fast-shutdown signal from an
   atexit hook; after SIGKILL of our process the next `start()` on the same `data_dir` cleans up.
 
@@ -36,7 +37,8 @@ pg_ctl and postgres), else the binaries bundled in the `pgserver` wheel (`pip in
 is synchronous, and it offers no restart or kill. `FACILITATOR_PG_BACKEND=debian|pgserver` forces
 one.
 
-Not supported: two `PostgresCluster` objects on one `data_dir` at the same time.
+Linux only (processes are identified through /proc). Not supported: two `PostgresCluster` objects
+on one `data_dir` at the same time.
 """
 
 from __future__ import annotations
@@ -106,7 +108,8 @@ class PostgresBackend:
 
 
 def find_backend(forced: str | None = None, *, debian_root: Path = DEBIAN_ROOT) -> PostgresBackend:
-    """Debian's binaries if present, else pgserver's; `forced` (or $FACILITATOR_PG_BACKEND) picks one."""
+    """Debian's binaries if present, else pgserver's. `forced`, or else $FACILITATOR_PG_BACKEND,
+    picks one of them."""
     choice = (forced if forced is not None else os.environ.get(BACKEND_ENV, "")).strip().lower()
     finders = {"debian": lambda: _debian_backend(debian_root), "pgserver": _pgserver_backend}
     if choice and choice not in finders:
@@ -156,7 +159,9 @@ def _subdirs(path: Path) -> list[Path]:
 
 
 def _version_key(name: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in name.split(".")) if re.fullmatch(r"\d+(\.\d+)*", name) else ()
+    if not re.fullmatch(r"\d+(\.\d+)*", name):
+        return ()
+    return tuple(int(part) for part in name.split("."))
 
 
 def _missing_programs(bin_dir: Path) -> list[str]:
@@ -238,7 +243,8 @@ class PostgresCluster:
         await self._shutdown("fast")
 
     async def restart(self, mode: StopMode = "fast") -> str:
-        """Stop (`immediate` skips the shutdown checkpoint, like a crash) and start on the same port."""
+        """Stop, then start on the same port; `immediate` skips the shutdown checkpoint, so the
+        start runs crash recovery."""
         if mode not in STOP_SIGNALS:
             raise ValueError(f"restart mode must be 'fast' or 'immediate', not {mode!r}")
         await self._shutdown(mode)
@@ -323,6 +329,7 @@ class PostgresCluster:
             self._prepare_data_dir()
 
     async def _initdb(self) -> None:
+        created_by_us = not self.pgdata.exists()
         try:
             await self._run(
                 [self.backend.program("initdb"), "-D", str(self.pgdata), "-A", "trust",
@@ -331,8 +338,10 @@ class PostgresCluster:
             )
         except PostgresError:
             # initdb cleans up after itself only if it can still reach pgdata; a half-initialized
-            # cluster would later fail to start with a misleading error.
-            shutil.rmtree(self.pgdata, ignore_errors=True)
+            # cluster would later fail to start with a misleading error. Never delete a pgdata
+            # that was there before (initdb refused it: not empty).
+            if created_by_us:
+                shutil.rmtree(self.pgdata, ignore_errors=True)
             raise
 
     async def _start_server(self) -> None:
@@ -351,17 +360,23 @@ class PostgresCluster:
                 self._port = None
 
     async def _launch_postmaster(self) -> None:
-        """Spawn the postmaster in its own session, so it outlives neither more nor less than
-        we let it: Ctrl-C in our terminal does not reach it, stop() does."""
+        """Spawn the postmaster in its own session: a Ctrl-C in our terminal must not reach it
+        (stop() shuts it down in order), and it does not depend on our process staying alive."""
         self._remove_stale_lock_files()
         # Opened by us and inherited: the server never needs to reach the log by its path.
         with open(self.log_path, "ab") as server_log:
             self._launcher = await asyncio.create_subprocess_exec(
-                *self._as_server_user([self.backend.program("postgres"), "-D", str(self.pgdata),
-                                       *self._server_args()]),
+                *self._as_server_user([self.backend.program("postgres"), "-D",
+                                       self._data_dir_arg(), *self._server_args()]),
                 stdin=subprocess.DEVNULL, stdout=server_log, stderr=subprocess.STDOUT,
-                cwd=self.data_dir, env=_child_env(), start_new_session=True,
+                cwd=self.pgdata, env=_child_env(), start_new_session=True,
             )
+
+    def _data_dir_arg(self) -> str:
+        # As root we opened up parent directories that are not ours, and their owner may close
+        # them again. PostgreSQL keeps using the -D path (pg_control at every checkpoint), so give
+        # it its working directory through /proc, which does not traverse the parents.
+        return "/proc/self/cwd" if self._server_account() is not None else str(self.pgdata)
 
     def _server_args(self) -> list[str]:
         args = ["-c", "listen_addresses=127.0.0.1", "-p", str(self._port),
@@ -380,11 +395,9 @@ class PostgresCluster:
                     f"postgres exited with code {self._launcher.returncode} while starting on "
                     f"port {self._port}{self._log_tail()}"
                 )
-            data_directory, problem = await self._ask_unless_exited()
-            if data_directory in (str(self.pgdata), str(self.pgdata.resolve())):
+            ours, problem = await self._ask_unless_exited()
+            if ours:
                 return
-            if data_directory is not None:  # another server answers on our port
-                problem = f"port {self._port} is served by the cluster in {data_directory}"
             if time.monotonic() > deadline:
                 raise PostgresError(
                     f"postgres did not accept connections on port {self._port} within "
@@ -392,9 +405,9 @@ class PostgresCluster:
                 )
             await asyncio.sleep(POLL_INTERVAL_S)
 
-    async def _ask_unless_exited(self) -> tuple[str | None, str]:
-        """`_ask_data_directory`, abandoned as soon as the postmaster we launched exits."""
-        asking = asyncio.ensure_future(_ask_data_directory(self.dsn))
+    async def _ask_unless_exited(self) -> tuple[bool, str]:
+        """`_answers_from`, abandoned as soon as the postmaster we launched exits."""
+        asking = asyncio.ensure_future(_answers_from(self.dsn, self.pgdata))
         if self._launcher is None:
             return await asking
         exiting = asyncio.ensure_future(self._launcher.wait())
@@ -405,13 +418,14 @@ class PostgresCluster:
         asking.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asking
-        return None, "postgres exited"
+        return False, "postgres exited"
 
     # ---- shutdown
 
     async def _shutdown(self, first_mode: StopMode) -> None:
         self._forget_running()
-        modes: tuple[StopMode, ...] = ("fast", "immediate") if first_mode == "fast" else ("immediate",)
+        escalation: tuple[StopMode, ...] = ("fast", "immediate")
+        modes = escalation[escalation.index(first_mode):]
         for mode in modes:
             if not self.is_running():
                 break
@@ -485,7 +499,9 @@ class PostgresCluster:
         try:
             output, _ = await asyncio.wait_for(process.communicate(), timeout)
         except asyncio.TimeoutError:
-            raise PostgresError(f"{what} timed out after {timeout:.0f} s{self._log_tail()}") from None
+            raise PostgresError(
+                f"{what} timed out after {timeout:.0f} s{self._log_tail()}"
+            ) from None
         finally:
             if process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -516,18 +532,22 @@ class PostgresCluster:
 # ---------------------------------------------------------------- helpers
 
 
-async def _ask_data_directory(dsn: str) -> tuple[str | None, str]:
-    """The data directory of the server behind `dsn`, or None and why it could not be asked."""
+async def _answers_from(dsn: str, pgdata: Path) -> tuple[bool, str]:
+    """Whether a server process of the cluster in `pgdata` answers a query through `dsn`; if not,
+    why (not started yet, or another PostgreSQL holds the port)."""
     try:
         # Short: a starting server answers at once ("starting up"), and a port squatter that
         # is not PostgreSQL must not stall the loop that notices our postmaster has exited.
         connection = await asyncpg.connect(dsn, timeout=1)
         try:
-            return str(await connection.fetchval("SHOW data_directory")), ""
+            backend_pid = await connection.fetchval("SELECT pg_backend_pid()")
+            if _serves(backend_pid, str(pgdata.resolve())):
+                return True, ""
+            return False, "another PostgreSQL answers on that port"
         finally:
             await connection.close()
     except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        return None, repr(exc)
+        return False, repr(exc)
 
 
 def _free_port() -> int:

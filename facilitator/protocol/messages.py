@@ -60,13 +60,14 @@ class UnsupportedVersion:
 
 def parse_request(body: Any) -> PaymentRequest | UnsupportedVersion:
     body = f.require_object(body, "body")
-    version = f.integer(f.member(body, "x402Version", ""), "x402Version", maximum=1_000)
     payment = f.require_object(f.member(body, "paymentPayload", ""), "paymentPayload")
-    inner_version = f.integer(
+    version = f.integer(
         f.member(payment, "x402Version", "paymentPayload"), "paymentPayload.x402Version",
         maximum=1_000)
-    if inner_version != version:
-        raise BadRequest("x402Version", "must equal paymentPayload.x402Version")
+    # The SDK clients send a top-level copy; the spec's examples omit it. When present it must agree.
+    if body.get("x402Version") is not None:
+        if f.integer(body["x402Version"], "x402Version", maximum=1_000) != version:
+            raise BadRequest("x402Version", "must equal paymentPayload.x402Version")
     if version not in SUPPORTED_VERSIONS:
         return UnsupportedVersion(version)
     raw_requirements = f.member(body, "paymentRequirements", "")
@@ -81,8 +82,9 @@ def _parse_v2(payment: Mapping[str, Any], raw_requirements: Any) -> PaymentReque
         f.member(payment, "accepted", "paymentPayload"), "paymentPayload.accepted")
     payload = f.require_object(f.member(payment, "payload", "paymentPayload"),
                                "paymentPayload.payload")
-    extensions = payment.get("extensions") or _EMPTY
-    f.require_object(extensions, "paymentPayload.extensions")
+    raw_extensions = payment.get("extensions")
+    extensions = _EMPTY if raw_extensions is None else f.require_object(
+        raw_extensions, "paymentPayload.extensions")
     return PaymentRequest(version=2, scheme=accepted.scheme, network=accepted.network,
                           requirements=requirements, accepted=accepted, payload=payload,
                           extensions=extensions)

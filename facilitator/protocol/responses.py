@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from facilitator.protocol.reasons import Reason
+from facilitator.invariant import invariant
 
 MAX_MESSAGE_CHARS = 500
 
@@ -31,7 +32,8 @@ class VerifyResponse:
     payer: str | None = None
 
     def __post_init__(self) -> None:
-        assert self.is_valid == (self.invalid_reason is None), "invalid needs a reason, valid none"
+        invariant(self.is_valid == (self.invalid_reason is None),
+                  "invalid needs a reason, valid none")
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {"isValid": self.is_valid}
@@ -56,8 +58,9 @@ class SettleResponse:
     extensions: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        assert self.success == (self.error_reason is None), "failure needs a reason, success none"
-        assert not self.success or self.transaction or self.amount == "0", "success needs a tx"
+        invariant(self.success == (self.error_reason is None),
+                  "failure needs a reason, success none")
+        invariant(not self.success or self.transaction or self.amount == "0", "success needs a tx")
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {"success": self.success}

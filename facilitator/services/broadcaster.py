@@ -34,6 +34,7 @@ from facilitator.ports import Chain, RpcError, RpcUnavailable
 from facilitator.protocol.networks import Network
 from facilitator.protocol.reasons import Reason
 from facilitator.services.outcomes import OutcomeBoard
+from facilitator.invariant import invariant
 
 log = logging.getLogger("facilitator.broadcaster")
 
@@ -150,6 +151,7 @@ class Broadcaster:
                 affordable.append(job)
                 continue
             self._metrics.signer_underfunded.labels(self.network.key).inc()
+            self._metrics.settlement_failures.labels(self.network.key, "signer_underfunded").inc()
             await self._fail(job, Reason.UNEXPECTED_SETTLE_ERROR,
                              f"facilitator signer {self.key.address} cannot pay gas for this "
                              "settlement; settlement refused (operator: fund the signer)")
@@ -158,7 +160,7 @@ class Broadcaster:
     async def _sign_and_store(self, jobs: list[Job], max_fee: int) -> list[tuple[Job, SignedTx]]:
         if not jobs:
             return []
-        assert self._next_nonce is not None, "start() first"
+        invariant(self._next_nonce is not None, "start() first")
         first_nonce = self._next_nonce
         signed = []
         for job in jobs:
@@ -239,7 +241,7 @@ class Broadcaster:
         self._metrics.signer_nonce_resets.labels(self.network.key, cause).inc()
         chain_nonce = int(await self._chain.request(
             "eth_getTransactionCount", [self.address, "pending"]), 16)
-        assert self._next_nonce is not None
+        invariant(self._next_nonce is not None, "start() first")
         local = reusable if reusable is not None else self._next_nonce
         self._next_nonce = max(chain_nonce, local)
 
@@ -255,7 +257,7 @@ class Broadcaster:
                              "settlement transaction could not be placed after re-signing")
             return
         fresh = await self._store.get(job.row.id)
-        assert fresh is not None
+        invariant(fresh is not None, "a claimed row never disappears")
         self.submit(Job(row=fresh, gas_limit=job.gas_limit, resigns=job.resigns + 1))
 
     def resubmit(self, row: SettlementRow, gas_limit: int) -> None:

@@ -43,6 +43,7 @@ from facilitator.schemes.exact import ChainApproval, Checked, ExactEip3009Scheme
 from facilitator.services.broadcaster import Broadcaster, Job, Overloaded
 from facilitator.services.outcomes import OutcomeBoard, wait_outcome
 from facilitator.services.tracker import InFlight, Tracker, find_external_settlement
+from facilitator.invariant import invariant
 
 log = logging.getLogger("facilitator.settler")
 
@@ -107,28 +108,36 @@ class Settler:
         try:
             approval = await self.scheme.check_onchain(checked, for_settle=True)
         except RpcUnavailable as exc:
+            self._count_failure("rpc_error")
             return await self._refuse(row, checked, wire_network, Rejection(
                 Reason.UNEXPECTED_SETTLE_ERROR, f"chain unavailable before broadcast: {exc}"))
         if isinstance(approval, Rejection):
             return await self._refuse(row, checked, wire_network, approval)
         gas = self._gas_limit(approval)
         if gas is None:
+            self._count_failure("gas_cap")
             return await self._refuse(row, checked, wire_network, Rejection(
                 Reason.UNEXPECTED_SETTLE_ERROR, "gas estimate exceeds the configured cap"))
         future = self._board.expect(row.id)
         try:
             self._broadcaster.submit(Job(row=row, gas_limit=gas))
         except Overloaded as exc:
+            self._count_failure("overloaded")
             self._board.resolve(row.id, Rejected(Reason.UNEXPECTED_SETTLE_ERROR, str(exc)))
             return await self._refuse(row, checked, wire_network, Rejection(
                 Reason.UNEXPECTED_SETTLE_ERROR, f"{exc}; retry later"))
-        self._metrics.settle_phase_seconds.labels(self.network.key, "verify").observe(
+        self._metrics.settlement_latency.labels(self.network.key, "verify").observe(
             time.monotonic() - started)
         outcome = await wait_outcome(future, self._policy.receipt_timeout_s)
+        if outcome is None:
+            self._count_failure("receipt_timeout")
         return await self._answer(row.id, outcome, wire_network, checked.payer)
 
+    def _count_failure(self, cause: str) -> None:
+        self._metrics.settlement_failures.labels(self.network.key, cause).inc()
+
     def _gas_limit(self, approval: ChainApproval) -> int | None:
-        assert approval.gas_estimate is not None, "settlement checks estimate gas"
+        invariant(approval.gas_estimate is not None, "settlement checks estimate gas")
         if approval.gas_estimate > self._policy.gas_limit_cap:
             return None
         return min(int(approval.gas_estimate * self._policy.gas_headroom),
@@ -141,7 +150,10 @@ class Settler:
         if rejection.reason is Reason.NONCE_ALREADY_USED:
             external = await self._external_settlement(row)
             if external is not None:
+                self._count_failure("front_run")
                 return await self._answer(row.id, external, wire_network, checked.payer)
+        if rejection.reason is not Reason.UNEXPECTED_SETTLE_ERROR:
+            self._count_failure(str(rejection.reason))
         await self._store.mark_failed(row.id, str(rejection.reason), rejection.message)
         return SettleResponse(success=False, network=wire_network, error_reason=rejection.reason,
                               error_message=rejection.message, payer=checked.payer,
@@ -174,7 +186,7 @@ class Settler:
                       payer: str) -> SettleResponse:
         """The response for an outcome; None (no outcome in time) answers from the row."""
         row = await self._store.get(settlement_id)
-        assert row is not None, "a claimed row never disappears"
+        invariant(row is not None, "a claimed row never disappears")
         if outcome is None or isinstance(outcome, Unknown):
             return self._answer_from_row(row, wire_network, payer)
         if isinstance(outcome, Settled):
@@ -203,7 +215,7 @@ class Settler:
                         row.reason == str(Reason.TRANSACTION_FAILED) else "")
 
     def _on_sent(self, job: Job, tx: SignedTx, known: bool) -> None:
-        self._metrics.settle_phase_seconds.labels(self.network.key, "broadcast").observe(
+        self._metrics.settlement_latency.labels(self.network.key, "request_to_broadcast").observe(
             time.monotonic() - job.submitted_at)
         self._tracker.watch(InFlight.from_signed(job.row, tx, known_to_node=known))
 

@@ -36,6 +36,7 @@ from facilitator.ports import Chain, RpcError, RpcUnavailable
 from facilitator.protocol.networks import Network
 from facilitator.protocol.reasons import Reason
 from facilitator.services.outcomes import OutcomeBoard
+from facilitator.invariant import invariant
 
 log = logging.getLogger("facilitator.tracker")
 
@@ -65,7 +66,8 @@ class InFlight:
     def from_row(cls, row: SettlementRow, *, known_to_node: bool, check_now: bool = False
                  ) -> InFlight:
         """From a stored signed/broadcast row (recovery); `check_now` asks the node at once."""
-        assert row.tx_hash is not None and row.raw_tx is not None and row.signer_nonce is not None
+        invariant(row.tx_hash is not None and row.raw_tx is not None
+                  and row.signer_nonce is not None, "a tracked row has signed bytes")
         now = time.monotonic()
         return cls(settlement_id=row.id, tx_hash=row.tx_hash, raw_tx=row.raw_tx,
                    signer_nonce=row.signer_nonce, gas_limit=row.gas_limit or 0,
@@ -179,8 +181,10 @@ class Tracker:
         for item, inc in included:
             self._inflight.pop(item.settlement_id, None)
             if inc.settlement_id in moved:
-                self._metrics.settle_phase_seconds.labels(self.network.key, "receipt").observe(
-                    now - item.sent_at)
+                self._metrics.settlement_latency.labels(
+                    self.network.key, "broadcast_to_inclusion").observe(now - item.sent_at)
+                if inc.settled_by is SettledBy.EXTERNAL:
+                    self._count_failure("front_run")
                 self._board.resolve(inc.settlement_id, Settled(
                     inc.tx_hash, inc.block_number, inc.block_hash, inc.log_index, inc.settled_by))
 
@@ -206,8 +210,13 @@ class Tracker:
             await self._finish_failed(item, Reason.TRANSACTION_FAILED,
                                       "settlement transaction reverted")
 
+    def _count_failure(self, cause: str) -> None:
+        self._metrics.settlement_failures.labels(self.network.key, cause).inc()
+
     async def _finish_failed(self, item: InFlight, reason: Reason, message: str,
                              *, expired: bool = False) -> None:
+        self._count_failure("expired" if expired else
+                            "reverted" if reason is Reason.TRANSACTION_FAILED else str(reason))
         self._inflight.pop(item.settlement_id, None)
         await self._store.mark_failed(item.settlement_id, str(reason), message,
                                       tx_hash=item.tx_hash, expired=expired)
@@ -242,6 +251,7 @@ class Tracker:
                 log.warning("re-send of settlement %s refused: %s", item.settlement_id, exc.message)
                 return
         log.info("re-sent identical bytes for settlement %s", item.settlement_id)
+        self._count_failure("dropped")
         if not item.known_to_node:
             await self._store.mark_broadcast([item.settlement_id])
             item.known_to_node = True
