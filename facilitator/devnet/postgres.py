@@ -1,7 +1,7 @@
 """A private, throwaway PostgreSQL cluster in a directory we own (devnet and tests).
 
 Used only when the operator did not configure `DATABASE_URL`: `make run` keeps its cluster under
-`.devnet/postgres/`, the test suite under a pytest temp dir. Nothing here touches a system cluster.
+`.devnet/postgres/`, the test suite under a temp dir. Nothing here touches a system cluster.
 
 Layout of `data_dir`: `pgdata/` (the cluster), `server.log` (server output, appended), `run/` (the
 unix socket). Listening is on 127.0.0.1 only, with trust auth, so the DSN carries no secret.
