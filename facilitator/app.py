@@ -15,6 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
+from facilitator.adapters.chainstate import ChainState
 from facilitator.adapters.jsonrpc import JsonRpcClient
 from facilitator.adapters.metrics import Metrics
 from facilitator.adapters.store import Store
@@ -29,6 +30,7 @@ from facilitator.services.outcomes import OutcomeBoard
 from facilitator.services.recorder import VerificationRecorder
 from facilitator.services.settler import SettlePolicy, Settler
 from facilitator.services.tracker import Tracker
+from facilitator.services.watcher import ChainWatcher, WatcherPolicy
 
 log = logging.getLogger("facilitator.app")
 
@@ -45,6 +47,7 @@ class _NetworkRuntime:
     tracker: Tracker
     settler: Settler
     scheme: ExactEip3009Scheme
+    watcher: ChainWatcher
 
 
 @dataclass
@@ -92,6 +95,8 @@ class Facilitator:
             await runtime.settler.recover()
             self._spawn(runtime.broadcaster.run(), f"broadcaster:{runtime.settings.network.key}")
             self._spawn(runtime.tracker.run(), f"tracker:{runtime.settings.network.key}")
+            if self.settings.watcher_enabled:
+                self._spawn(runtime.watcher.run(), f"watcher:{runtime.settings.network.key}")
         self._spawn(self.recorder.run(), "recorder")
         app = build_http_app(self.service, self.metrics, self.readiness, self.settlement_status)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -176,8 +181,18 @@ def _build_network(ns: NetworkSettings, settings: Settings, store: Store, metric
     settler = Settler(scheme=scheme, chain=chain, store=store, board=board,
                       broadcaster=broadcaster, tracker=tracker, metrics=metrics,
                       policy=SettlePolicy(receipt_timeout_s=settings.receipt_timeout_s,
-                                          gas_limit_cap=settings.gas_limit_cap))
-    return _NetworkRuntime(ns, chain, broadcaster, tracker, settler, scheme)
+                                          gas_limit_cap=settings.gas_limit_cap,
+                                          duplicates=settings.duplicate_settle))
+    watcher = ChainWatcher(
+        network=network, chain=chain, state=ChainState(store.pool, network.chain_id, network.key),
+        metrics=metrics, policy=WatcherPolicy(
+            confirmations=network.confirmations, max_reorg_depth=settings.max_reorg_depth,
+            range_blocks=settings.watcher_range_blocks,
+            poll_interval_s=settings.watcher_poll_interval_s,
+            start_lookback_blocks=settings.watcher_start_lookback_blocks,
+            watched_payees=settings.watched_payees))
+    watcher.on_reorged = settler.track_again
+    return _NetworkRuntime(ns, chain, broadcaster, tracker, settler, scheme, watcher)
 
 
 async def _check_chain_id(runtime: _NetworkRuntime) -> None:

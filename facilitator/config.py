@@ -76,6 +76,13 @@ class Settings:
     receipt_poll_interval_s: float = 0.2
     resend_after_s: float = 4.0
     db_pool_size: int = 20
+    duplicate_settle: str = "replay"
+    watcher_enabled: bool = True
+    max_reorg_depth: int = 64
+    watcher_range_blocks: int = 200
+    watcher_poll_interval_s: float = 1.0
+    watcher_start_lookback_blocks: int = 1_000
+    watched_payees: frozenset[str] = frozenset()
     log_level: str = "INFO"
     log_format: str = "json"
     secrets: tuple[str, ...] = field(default=(), repr=False)  # values the log filter redacts
@@ -183,12 +190,37 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
                                    low=0.1, high=3600),
         db_pool_size=read.integer("FACILITATOR_DB_POOL_SIZE", 20, "database.pool_size",
                                   low=2, high=500),
+        duplicate_settle=read.choice("FACILITATOR_DUPLICATE_SETTLE", "replay",
+                                     ("replay", "reject"), "settlement.duplicates"),
+        watcher_enabled=read.choice("FACILITATOR_WATCHER", "on", ("on", "off"),
+                                    "watcher.enabled") == "on",
+        max_reorg_depth=read.integer("FACILITATOR_MAX_REORG_DEPTH", 64, "watcher.max_reorg_depth",
+                                     low=1, high=100_000),
+        watcher_range_blocks=read.integer("FACILITATOR_WATCHER_RANGE_BLOCKS", 200,
+                                          "watcher.range_blocks", low=1, high=100_000),
+        watcher_poll_interval_s=read.number("FACILITATOR_WATCHER_POLL_INTERVAL_S", 1.0,
+                                            "watcher.poll_interval_s", low=0.01, high=600),
+        watcher_start_lookback_blocks=read.integer(
+            "FACILITATOR_WATCHER_START_LOOKBACK_BLOCKS", 1_000, "watcher.start_lookback_blocks",
+            low=0, high=10_000_000),
+        watched_payees=_addresses(read.text("FACILITATOR_WATCH_PAY_TO", "-",
+                                            "watcher.pay_to"), "FACILITATOR_WATCH_PAY_TO"),
         log_level=read.choice("FACILITATOR_LOG_LEVEL", "INFO",
                               ("DEBUG", "INFO", "WARNING", "ERROR"), "logging.level"),
         log_format=read.choice("FACILITATOR_LOG_FORMAT", "json", ("json", "text"),
                                "logging.format"),
         secrets=tuple(s for s in secrets if s),
     )
+
+
+def _addresses(value: str, var: str) -> frozenset[str]:
+    if value == "-":
+        return frozenset()
+    try:
+        return frozenset(address(a.strip(), var) for a in value.split(",") if a.strip())
+    except BadRequest as exc:
+        raise ConfigError(f"{var}: every entry must be a 20-byte hex address ({exc.message})") \
+            from None
 
 
 def _gwei_to_wei(gwei: float) -> int:

@@ -58,6 +58,10 @@ class Metrics:
             "every verification reason plus rpc_error, signer_underfunded, reverted, "
             "receipt_timeout, dropped, reorged, expired, front_run, gas_cap, overloaded).",
             ["network", "cause"], registry=r)
+        self.settle_replays = Counter(
+            f"{NS}_settle_replays", "Repeated /settle of an already settled payload, by the "
+            "duplicate policy that answered it (replay: stored success; reject: nonce used).",
+            ["network", "policy"], registry=r)
         self.settlements_confirmed = Counter(
             f"{NS}_settlements_confirmed", "Settlements that reached their confirmation depth.",
             ["network", "settled_by"], registry=r)
@@ -128,6 +132,8 @@ class Metrics:
                 for age in AGE_BUCKETS:
                     self.settlements_unfinished.labels(net, state, age).set(0)
             self.reorg_depth.labels(net)
+            for policy in ("replay", "reject"):
+                self.settle_replays.labels(net, policy)
             self.watcher_halted.labels(net).set(0)
             self.unmatched_transfers.labels(net)
             self.signer_underfunded.labels(net)

@@ -24,11 +24,11 @@ from facilitator.core.settlement import SettlementIntent, SettledBy, State
 from facilitator.invariant import invariant
 
 MIGRATION_LOCK_KEY = 0x7834_3032  # "x402": serialises concurrent migrators
-_SETTLEMENT_COLUMNS = """id, public_id, scheme, x402_version, network, chain_id, asset, payer,
+SETTLEMENT_COLUMNS = """id, public_id, scheme, x402_version, network, chain_id, asset, payer,
     pay_to, amount, nonce, valid_after, valid_before, signature, fingerprint, call_to, calldata,
     state, reason, message, settled_by, signer, signer_nonce, gas_limit, max_fee_per_gas, tx_hash,
     raw_tx, block_number, block_hash, log_index, attempts, created_at, signed_at, broadcast_at,
-    included_at, confirmed_at, failed_at, updated_at"""
+    included_at, confirmed_at, failed_at, updated_at, success_answers, success_answered_at"""
 
 
 def _b(hex_address: str) -> bytes:
@@ -79,6 +79,8 @@ class SettlementRow:
     confirmed_at: datetime | None
     failed_at: datetime | None
     updated_at: datetime
+    success_answers: int
+    success_answered_at: datetime | None
 
     @classmethod
     def from_record(cls, rec: asyncpg.Record) -> SettlementRow:
@@ -176,11 +178,11 @@ class Store:
                 calldata, state)
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, 'pending')
             ON CONFLICT (chain_id, asset, payer, nonce) DO NOTHING
-            RETURNING {_SETTLEMENT_COLUMNS}""", *values)
+            RETURNING {SETTLEMENT_COLUMNS}""", *values)
         if rec is not None:
             return Claim(SettlementRow.from_record(rec), created=True)
         existing = await self.pool.fetchrow(f"""
-            SELECT {_SETTLEMENT_COLUMNS} FROM settlements
+            SELECT {SETTLEMENT_COLUMNS} FROM settlements
             WHERE chain_id = $1 AND asset = $2 AND payer = $3 AND nonce = $4""",
             intent.chain_id, _b(intent.asset), _b(intent.payer), intent.nonce)
         invariant(existing is not None, "a conflicting row must exist")
@@ -198,7 +200,7 @@ class Store:
                 signer_nonce = NULL, gas_limit = NULL, max_fee_per_gas = NULL,
                 signed_at = NULL, broadcast_at = NULL, attempts = attempts + 1
             WHERE id = $1 AND state = 'failed'
-            RETURNING {_SETTLEMENT_COLUMNS}""",
+            RETURNING {SETTLEMENT_COLUMNS}""",
             settlement_id, intent.x402_version, intent.network, _b(intent.pay_to),
             intent.amount, intent.valid_after, intent.valid_before, intent.signature,
             intent.fingerprint, _b(intent.call_to), intent.calldata)
@@ -245,14 +247,25 @@ class Store:
         return {r["id"] for r in rows}
 
     async def mark_failed(self, settlement_id: int, reason: str, message: str,
-                          *, tx_hash: bytes | None = None, expired: bool = False) -> bool:
+                          *, tx_hash: bytes | None = None, block_number: int | None = None,
+                          expired: bool = False) -> bool:
+        """`block_number` is set when a mined transaction failed (it reverted), so the stored
+        answer can name that transaction."""
         state = "expired" if expired else "failed"
         result = await self.pool.execute("""
             UPDATE settlements SET state = $2, reason = $3, message = $4,
-                tx_hash = COALESCE($5, tx_hash), failed_at = clock_timestamp()
+                tx_hash = COALESCE($5, tx_hash), block_number = $6, failed_at = clock_timestamp()
             WHERE id = $1 AND state IN ('pending', 'signed', 'broadcast')""",
-            settlement_id, state, reason, message[:1000], tx_hash)
+            settlement_id, state, reason, message[:1000], tx_hash, block_number)
         return result.endswith(" 1")
+
+    async def count_success_answer(self, settlement_id: int) -> int:
+        """Record one more `success: true` answer for this settlement; returns how many so far
+        (1 = the first). The row lock serialises concurrent answers, so exactly one sees 1."""
+        return int(await self.pool.fetchval("""
+            UPDATE settlements SET success_answers = success_answers + 1,
+                success_answered_at = COALESCE(success_answered_at, clock_timestamp())
+            WHERE id = $1 RETURNING success_answers""", settlement_id))
 
     async def mark_needs_resign(self, settlement_id: int) -> bool:
         """signed|broadcast -> pending: these bytes can never be mined (their signer nonce was
@@ -267,24 +280,24 @@ class Store:
 
     async def get(self, settlement_id: int) -> SettlementRow | None:
         rec = await self.pool.fetchrow(
-            f"SELECT {_SETTLEMENT_COLUMNS} FROM settlements WHERE id = $1", settlement_id)
+            f"SELECT {SETTLEMENT_COLUMNS} FROM settlements WHERE id = $1", settlement_id)
         return None if rec is None else SettlementRow.from_record(rec)
 
     async def find(self, key: str) -> SettlementRow | None:
         """By public id (uuid) or by transaction hash (0x + 64 hex)."""
         if key.startswith("0x") and len(key) == 66:
             rec = await self.pool.fetchrow(
-                f"SELECT {_SETTLEMENT_COLUMNS} FROM settlements WHERE tx_hash = $1 "
+                f"SELECT {SETTLEMENT_COLUMNS} FROM settlements WHERE tx_hash = $1 "
                 "ORDER BY id DESC LIMIT 1", bytes.fromhex(key[2:]))
         else:
             rec = await self.pool.fetchrow(
-                f"SELECT {_SETTLEMENT_COLUMNS} FROM settlements WHERE public_id = $1::uuid", key)
+                f"SELECT {SETTLEMENT_COLUMNS} FROM settlements WHERE public_id = $1::uuid", key)
         return None if rec is None else SettlementRow.from_record(rec)
 
     async def unfinished(self, chain_id: int) -> list[SettlementRow]:
         """Rows a restarted process must finish: pending, signed and broadcast."""
         recs = await self.pool.fetch(f"""
-            SELECT {_SETTLEMENT_COLUMNS} FROM settlements
+            SELECT {SETTLEMENT_COLUMNS} FROM settlements
             WHERE chain_id = $1 AND state IN ('pending', 'signed', 'broadcast') ORDER BY id""",
             chain_id)
         return [SettlementRow.from_record(r) for r in recs]

@@ -48,14 +48,16 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     State.BROADCAST: frozenset({State.INCLUDED, State.PENDING, State.FAILED, State.EXPIRED}),
     # included -> broadcast: the block was reorged out; the transaction is pending again.
     State.INCLUDED: frozenset({State.CONFIRMED, State.BROADCAST}),
-    State.CONFIRMED: frozenset(),
+    # confirmed -> broadcast: a reorg deeper than the confirmation depth, accepted by an operator
+    # who resumed the halted watcher. Never automatic.
+    State.CONFIRMED: frozenset({State.BROADCAST}),
     State.FAILED: frozenset({State.PENDING}),
     State.EXPIRED: frozenset(),
 }
 
 IN_FLIGHT = frozenset({State.PENDING, State.SIGNED, State.BROADCAST})
 SETTLED = frozenset({State.INCLUDED, State.CONFIRMED})
-TERMINAL = frozenset({State.CONFIRMED, State.EXPIRED})
+TERMINAL = frozenset({State.EXPIRED})
 
 
 def can_transition(current: State, target: State) -> bool:

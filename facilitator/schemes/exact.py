@@ -121,7 +121,7 @@ class ExactEip3009Scheme:
         calls, slots = self._onchain_calls(checked, for_settle)
         results = await self._chain.request_many(calls)
         answer = dict(zip(slots, results, strict=True))
-        verdict = (self._judge_signature(answer) or self._judge_asset(checked, answer)
+        verdict = (self._judge_signature(checked, answer) or self._judge_asset(checked, answer)
                    or self._judge_authorization(answer) or self._judge_balance(checked, answer))
         if verdict is not None:
             return verdict
@@ -144,7 +144,7 @@ class ExactEip3009Scheme:
         if checked.signature_check is SignatureCheck.NEEDS_CONTRACT_CHECK:
             add("payer_code", "eth_getCode", [intent.payer, "latest"])
             add("erc1271", "eth_call", [_call(intent.payer, abi.is_valid_signature(
-                checked.digest, intent.signature)), "latest"])
+                checked.digest, _normalised_v(intent.signature))), "latest"])
         if not self._asset_code_known(intent.asset):
             add("asset_code", "eth_getCode", [intent.asset, "latest"])
         add("auth_state", "eth_call",
@@ -157,11 +157,15 @@ class ExactEip3009Scheme:
             add("transfer", "eth_call", [transfer, "latest"])
         return calls, slots
 
-    def _judge_signature(self, answer: dict[str, Any]) -> Rejection | None:
+    @staticmethod
+    def _judge_signature(checked: Checked, answer: dict[str, Any]) -> Rejection | None:
         if "payer_code" not in answer:
             return None
         code, verdict = answer["payer_code"], answer["erc1271"]
         if isinstance(code, RpcError) or code in ("0x", "0x0", None):
+            if len(checked.intent.signature) != 65:  # the SDK: a wallet that is not deployed
+                return Rejection(Reason.UNDEPLOYED_SMART_WALLET,
+                                 "payer has no code and the signature is not an EOA signature")
             return Rejection(Reason.INVALID_SIGNATURE, "signature does not recover to the payer")
         if isinstance(verdict, RpcError) or not _returns_magic(verdict):
             return Rejection(Reason.INVALID_SIGNATURE,
@@ -199,8 +203,10 @@ class ExactEip3009Scheme:
         return None
 
     async def _diagnose_revert(self, checked: Checked, error: RpcError) -> Rejection:
+        """v2 maps the revert text first, as the SDK's v2 scheme does; the SDK's v1 scheme goes
+        straight to the name/version diagnosis, and so do we for v1."""
         revert = abi.decode_revert(error.data, error.message)
-        mapped = classify_transfer_revert(revert)
+        mapped = classify_transfer_revert(revert) if checked.intent.x402_version == 2 else None
         if mapped is not None:
             return Rejection(mapped, revert)
         return Rejection(await self._diagnose_domain(checked) or Reason.SIMULATION_FAILED, revert)
@@ -228,6 +234,13 @@ def _call(to: str, data: bytes, sender: str | None = None) -> dict[str, str]:
     if sender is not None:
         call["from"] = sender
     return call
+
+
+def _normalised_v(signature: bytes) -> bytes:
+    """65-byte signatures with v in {0, 1} as the token passes them on: v in {27, 28}."""
+    if len(signature) == 65 and signature[64] < 27:
+        return signature[:64] + bytes([signature[64] + 27])
+    return signature
 
 
 def _returns_magic(result: Any) -> bool:

@@ -89,6 +89,10 @@ class FacilitatorService:
                               ) -> VerifyResponse:
         if isinstance(checked, Rejection):
             return VerifyResponse(False, checked.reason, checked.message, _payer_of(routed.request))
+        intent = checked.intent
+        if routed.services.settler.is_in_flight(intent.asset, intent.payer, intent.nonce):
+            return VerifyResponse(False, Reason.NONCE_ALREADY_USED,
+                                  "this authorization is being settled", checked.payer)
         try:
             verdict = await routed.services.exact.check_onchain(checked, for_settle=False)
         except RpcUnavailable as exc:
@@ -108,7 +112,7 @@ class FacilitatorService:
             verdict, request = routed
             response = SettleResponse(False, network=_wire_network(request),
                                       error_reason=verdict.invalid_reason,
-                                      error_message=verdict.invalid_message)
+                                      error_message=verdict.invalid_message, payer=verdict.payer)
             await self._record("settle", request_id, request, None, False, response.error_reason)
             self._count_settle(request, None, response, started)
             return response
@@ -135,18 +139,26 @@ class FacilitatorService:
         if isinstance(request, UnsupportedVersion):
             return (VerifyResponse(False, Reason.INVALID_X402_VERSION,
                                    f"x402Version {request.version} is not supported"), None)
-        if request.scheme != "exact" or request.requirements.scheme != "exact":
+        payer = _payer_of(request)
+        unsupported = next((s for s in (request.scheme, request.requirements.scheme)
+                            if s != "exact"), None)
+        if unsupported is not None:
             return (VerifyResponse(False, Reason.UNSUPPORTED_SCHEME,
-                                   f"scheme {request.scheme!r} is not supported"), request)
+                                   f"scheme {unsupported!r} is not supported", payer), request)
+        if request.network != request.requirements.network:
+            return (VerifyResponse(False, Reason.NETWORK_MISMATCH,
+                                   f"paid on {request.network}, required "
+                                   f"{request.requirements.network}", payer), request)
         network = self._registry.resolve(request.version, request.requirements.network)
         services = self._services.get(network.key) if network else None
         if services is None:
             return (VerifyResponse(False, Reason.FAILED_TO_GET_NETWORK_CONFIG,
                                    f"network {request.requirements.network!r} is not served by "
-                                   "this facilitator"), request)
+                                   "this facilitator", payer), request)
         if is_permit2_payload(request.payload):
             return (VerifyResponse(False, Reason.UNSUPPORTED_PAYLOAD_TYPE,
-                                   "Permit2 payloads are not accepted for this asset"), request)
+                                   "Permit2 payloads are not accepted for this asset",
+                                   payer), request)
         return _Routed(request, services)
 
     # -- bookkeeping --------------------------------------------------------------------------

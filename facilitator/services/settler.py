@@ -54,6 +54,10 @@ DB_POLL_INTERVAL_S = 0.1
 class SettlePolicy:
     receipt_timeout_s: float
     gas_limit_cap: int
+    # What a repeated /settle of an already settled payload gets: "replay" answers the stored
+    # success (idempotent; a lost response is recovered), "reject" answers success only once
+    # (x402-conformance F3; a payment presented twice cannot buy twice).
+    duplicates: str = "replay"
     gas_headroom: float = 1.25
     front_run_lookback_blocks: int = 5_000
 
@@ -96,12 +100,14 @@ class Settler:
             if reclaimed is not None:
                 return reclaimed
             row = await self._store.get(row.id) or row
-        if not same:
-            return _failure(wire_network, checked.payer, Reason.NONCE_ALREADY_USED,
-                            "this authorization nonce belongs to another payment", row)
+        if not same:  # another payment's record: answer without exposing it
+            return SettleResponse(success=False, network=wire_network,
+                                  error_reason=Reason.NONCE_ALREADY_USED, payer=checked.payer,
+                                  error_message="this authorization nonce belongs to another "
+                                                "payment")
         if row.state in IN_FLIGHT:
             return await self._wait_for_existing(row, wire_network, checked.payer)
-        return self._answer_from_row(row, wire_network, checked.payer)
+        return await self._answer_from_row(row, wire_network, checked.payer)
 
     async def _settle_claimed(self, row: SettlementRow, checked: Checked, wire_network: str,
                               started: float) -> SettleResponse:
@@ -118,7 +124,7 @@ class Settler:
             self._count_failure("gas_cap")
             return await self._refuse(row, checked, wire_network, Rejection(
                 Reason.UNEXPECTED_SETTLE_ERROR, "gas estimate exceeds the configured cap"))
-        future = self._board.expect(row.id)
+        future = self._board.expect(row.id, _key(row))
         try:
             self._broadcaster.submit(Job(row=row, gas_limit=gas))
         except Overloaded as exc:
@@ -132,6 +138,9 @@ class Settler:
         if outcome is None:
             self._count_failure("receipt_timeout")
         return await self._answer(row.id, outcome, wire_network, checked.payer)
+
+    def is_in_flight(self, asset: str, payer: str, nonce: bytes) -> bool:
+        return self._board.in_flight((asset, payer, nonce))
 
     def _count_failure(self, cause: str) -> None:
         self._metrics.settlement_failures.labels(self.network.key, cause).inc()
@@ -180,7 +189,7 @@ class Settler:
         while row.state in IN_FLIGHT and time.monotonic() < deadline:
             await asyncio.sleep(DB_POLL_INTERVAL_S)
             row = await self._store.get(row.id) or row
-        return self._answer_from_row(row, wire_network, payer)
+        return await self._answer_from_row(row, wire_network, payer)
 
     async def _answer(self, settlement_id: int, outcome: Outcome | None, wire_network: str,
                       payer: str) -> SettleResponse:
@@ -188,21 +197,34 @@ class Settler:
         row = await self._store.get(settlement_id)
         invariant(row is not None, "a claimed row never disappears")
         if outcome is None or isinstance(outcome, Unknown):
-            return self._answer_from_row(row, wire_network, payer)
+            return await self._answer_from_row(row, wire_network, payer)
         if isinstance(outcome, Settled):
-            return SettleResponse(success=True, network=wire_network,
-                                  transaction="0x" + outcome.tx_hash.hex(), payer=payer,
-                                  extensions=_extensions(row.public_id, row.state))
+            return await self._success(row, "0x" + outcome.tx_hash.hex(), wire_network, payer)
         return SettleResponse(success=False, network=wire_network, error_reason=outcome.reason,
                               error_message=outcome.message, payer=payer,
                               transaction="0x" + outcome.tx_hash.hex() if outcome.tx_hash else "",
                               extensions=_extensions(row.public_id, row.state))
 
-    def _answer_from_row(self, row: SettlementRow, wire_network: str, payer: str
-                         ) -> SettleResponse:
+    async def _success(self, row: SettlementRow, transaction: str, wire_network: str,
+                       payer: str) -> SettleResponse:
+        """A success answer, subject to the duplicate policy: the first success is always
+        given; a repeat replays it ("replay") or is refused as a used nonce ("reject")."""
+        answers = await self._store.count_success_answer(row.id)
+        if answers > 1:
+            self._metrics.settle_replays.labels(self.network.key, self._policy.duplicates).inc()
+            if self._policy.duplicates == "reject":
+                return SettleResponse(
+                    success=False, network=wire_network, error_reason=Reason.NONCE_ALREADY_USED,
+                    error_message="this payment was already settled and its success answered",
+                    transaction=transaction, payer=payer,
+                    extensions=_extensions(row.public_id, row.state))
+        return SettleResponse(success=True, network=wire_network, transaction=transaction,
+                              payer=payer, extensions=_extensions(row.public_id, row.state))
+
+    async def _answer_from_row(self, row: SettlementRow, wire_network: str, payer: str
+                               ) -> SettleResponse:
         if row.state in SETTLED:
-            return SettleResponse(success=True, network=wire_network, transaction=row.tx_hash_hex,
-                                  payer=payer, extensions=_extensions(row.public_id, row.state))
+            return await self._success(row, row.tx_hash_hex, wire_network, payer)
         if row.state in IN_FLIGHT:
             return SettleResponse(
                 success=False, network=wire_network, error_reason=Reason.SETTLEMENT_PENDING,
@@ -211,8 +233,7 @@ class Settler:
                 payer=payer, extensions=_extensions(row.public_id, row.state))
         # A stored failure names the transaction only if one was mined (reverted or expired).
         return _failure(wire_network, payer, _reason(row.reason), row.message or "", row,
-                        row.tx_hash_hex if row.block_number is not None or
-                        row.reason == str(Reason.TRANSACTION_FAILED) else "")
+                        row.tx_hash_hex if row.block_number is not None else "")
 
     def _on_sent(self, job: Job, tx: SignedTx, known: bool) -> None:
         self._metrics.settlement_latency.labels(self.network.key, "request_to_broadcast").observe(
@@ -228,11 +249,19 @@ class Settler:
 
     # -- recovery -----------------------------------------------------------------------------
 
+    async def track_again(self, settlement_ids: list[int]) -> None:
+        """Settlements a reorg moved back to `broadcast`: follow them again (the tracker re-sends
+        their stored bytes if the node dropped them, or lets them expire)."""
+        for settlement_id in settlement_ids:
+            row = await self._store.get(settlement_id)
+            if row is not None and row.state == State.BROADCAST and row.raw_tx is not None:
+                self._tracker.watch(InFlight.from_row(row, known_to_node=False, check_now=True))
+
     async def recover(self) -> int:
         """Resume every unfinished row of this network; returns how many."""
         rows = await self._store.unfinished(self.network.chain_id)
         for row in rows:
-            self._board.expect(row.id)
+            self._board.expect(row.id, _key(row))
             if row.state == State.PENDING:
                 await self._recover_pending(row)
             else:
@@ -256,6 +285,10 @@ class Settler:
             return
         self._broadcaster.resubmit(
             row, min(int(gas * self._policy.gas_headroom), self._policy.gas_limit_cap))
+
+
+def _key(row: SettlementRow) -> tuple[str, str, bytes]:
+    return (row.asset, row.payer, row.nonce)
 
 
 def _extensions(public_id: str, state: State | str) -> dict[str, object]:

@@ -180,13 +180,13 @@ class Tracker:
         now = time.monotonic()
         for item, inc in included:
             self._inflight.pop(item.settlement_id, None)
-            if inc.settlement_id in moved:
+            if inc.settlement_id in moved:  # else the chain watcher recorded it first
                 self._metrics.settlement_latency.labels(
                     self.network.key, "broadcast_to_inclusion").observe(now - item.sent_at)
                 if inc.settled_by is SettledBy.EXTERNAL:
                     self._count_failure("front_run")
-                self._board.resolve(inc.settlement_id, Settled(
-                    inc.tx_hash, inc.block_number, inc.block_hash, inc.log_index, inc.settled_by))
+            self._board.resolve(inc.settlement_id, Settled(
+                inc.tx_hash, inc.block_number, inc.block_hash, inc.log_index, inc.settled_by))
 
     async def _find_external_settlement(self, item: InFlight, receipt: dict[str, Any]
                                         ) -> Inclusion | None:
@@ -202,25 +202,28 @@ class Tracker:
     async def _finish_reverted(self, item: InFlight, receipt: dict[str, Any]) -> None:
         block = await self._chain.request("eth_getBlockByNumber", [receipt["blockNumber"], False])
         mined_at = int(block["timestamp"], 16) if isinstance(block, dict) else 0
+        mined_in = int(receipt["blockNumber"], 16)
         if mined_at > item.valid_before:
             await self._finish_failed(item, Reason.VALID_BEFORE_EXPIRED,
                                       "transaction mined after the authorization expired",
-                                      expired=True)
+                                      expired=True, block_number=mined_in)
         else:
             await self._finish_failed(item, Reason.TRANSACTION_FAILED,
-                                      "settlement transaction reverted")
+                                      "settlement transaction reverted", block_number=mined_in)
 
     def _count_failure(self, cause: str) -> None:
         self._metrics.settlement_failures.labels(self.network.key, cause).inc()
 
     async def _finish_failed(self, item: InFlight, reason: Reason, message: str,
-                             *, expired: bool = False) -> None:
+                             *, expired: bool = False, block_number: int | None = None) -> None:
         self._count_failure("expired" if expired else
                             "reverted" if reason is Reason.TRANSACTION_FAILED else str(reason))
         self._inflight.pop(item.settlement_id, None)
         await self._store.mark_failed(item.settlement_id, str(reason), message,
-                                      tx_hash=item.tx_hash, expired=expired)
-        self._board.resolve(item.settlement_id, Rejected(reason, message, item.tx_hash))
+                                      tx_hash=item.tx_hash, expired=expired,
+                                      block_number=block_number)
+        mined = item.tx_hash if block_number is not None else None
+        self._board.resolve(item.settlement_id, Rejected(reason, message, mined))
 
     async def _resend_stale(self) -> None:
         now = time.monotonic()

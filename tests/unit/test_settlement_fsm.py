@@ -15,17 +15,22 @@ from facilitator.core.settlement import (
     IN_FLIGHT, SETTLED, TERMINAL, TRANSITIONS, State, can_transition, require_transition,
 )
 
-MIGRATION = Path(facilitator.__file__).parent / "adapters" / "migrations" / "001_settlements.sql"
+MIGRATIONS = Path(facilitator.__file__).parent / "adapters" / "migrations"
+MIGRATION = MIGRATIONS / "001_settlements.sql"
 
 
-def _sql_function_body(sql: str, name: str) -> str:
-    match = re.search(rf"CREATE FUNCTION {name}\(.*?\$\$(.*?)\$\$", sql, re.S)
-    assert match, f"{name} not found in {MIGRATION.name}"
-    return match.group(1)
+def _sql_function_body(name: str) -> str:
+    """The definition in force: the last CREATE [OR REPLACE] FUNCTION across the migrations."""
+    bodies = []
+    for path in sorted(MIGRATIONS.glob("*.sql")):
+        bodies += re.findall(rf"CREATE (?:OR REPLACE )?FUNCTION {name}\(.*?\$\$(.*?)\$\$",
+                             path.read_text(), re.S)
+    assert bodies, f"{name} not found in the migrations"
+    return bodies[-1]
 
 
 def _sql_transitions() -> set[tuple[str, str]]:
-    body = _sql_function_body(MIGRATION.read_text(), "settlement_transition_allowed")
+    body = _sql_function_body("settlement_transition_allowed")
     pairs = set(re.findall(r"\(\s*'([a-z_]+)'\s*,\s*'([a-z_]+)'\s*\)", body))
     assert pairs, "no transition pairs parsed"
     return pairs

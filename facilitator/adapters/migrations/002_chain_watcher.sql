@@ -44,3 +44,18 @@ CREATE INDEX chain_transfers_unmatched ON chain_transfers (chain_id, observed_at
     WHERE settlement_id IS NULL;
 CREATE INDEX chain_transfers_to ON chain_transfers (to_address, observed_at);
 CREATE INDEX chain_transfers_block ON chain_transfers (chain_id, block_number);
+
+-- confirmed -> broadcast: only after a reorg deeper than the confirmation depth, when an operator
+-- has resumed the halted watcher (facilitator/core/settlement.py documents the same rule).
+CREATE OR REPLACE FUNCTION settlement_transition_allowed(from_state text, to_state text)
+RETURNS boolean LANGUAGE sql IMMUTABLE AS $$
+    SELECT (from_state, to_state) IN (
+        ('pending', 'signed'), ('pending', 'failed'), ('pending', 'included'), ('pending', 'expired'),
+        ('signed', 'broadcast'), ('signed', 'pending'), ('signed', 'included'), ('signed', 'failed'),
+        ('signed', 'expired'),
+        ('broadcast', 'included'), ('broadcast', 'pending'), ('broadcast', 'failed'),
+        ('broadcast', 'expired'),
+        ('included', 'confirmed'), ('included', 'broadcast'),
+        ('confirmed', 'broadcast'),
+        ('failed', 'pending'))
+$$;
