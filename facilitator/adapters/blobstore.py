@@ -117,12 +117,13 @@ class BlobStoreClient:
         last = f"{endpoint} unavailable"
         for number in range(self._retries + 1):
             if number:
-                await asyncio.sleep(self._backoff_s * (2 ** (number - 1)) * random.uniform(0.5, 1.5))
+                delay = self._backoff_s * (2 ** (number - 1))
+                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
             try:
                 return await attempt(self._session)
             except _Retry as exc:
                 last = str(exc)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 last = f"{endpoint} timed out"
             except aiohttp.ClientError as exc:
                 # The exception text would name the URL; keep only its kind.

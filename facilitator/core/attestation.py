@@ -6,7 +6,7 @@ What a TEE signs per response (tee-gateway `tee_manager.py`, SDK 1.1.4 `client/t
                                                                                      # ensure_ascii
     output_hash = keccak256(output_text.encode())
     msg_hash    = keccak256(input_hash ‖ output_hash ‖ uint256_be(timestamp))
-    signature   = RSASSA-PSS(SHA-256, MGF1-SHA-256, salt 32) over msg_hash (hashed again with SHA-256)
+    signature   = RSASSA-PSS(SHA-256, MGF1-SHA-256, salt 32) over msg_hash (SHA-256 of it signed)
     tee_id      = keccak256(DER SubjectPublicKeyInfo of the RSA key)
 
 Guarantees:
@@ -24,7 +24,9 @@ Verification policy (deliberate; OpenGradient's verifiers differ among themselve
   OpenGradient's facilitator accepts and its gateways send; the bytes are the same). Rejected,
   although the SDK verifier lets them through: `0X`, whitespace/sign/underscore/leading-zero
   timestamp strings, base64 with whitespace, missing or extra padding or the URL-safe alphabet,
-  and OpenGradient's unverifiable fallbacks (`tee_signature: "0x"`, null timestamps).
+  and OpenGradient's unverifiable fallbacks (`tee_signature: "0x"`, null timestamps; its SHA-256
+  fallback hashes parse, and then fail verification). `eth_address`: lower case or a valid
+  EIP-55 checksum, like viem's strict `isAddress` in OpenGradient's facilitator.
 """
 
 from __future__ import annotations
@@ -336,7 +338,8 @@ def sign_attestation(private_key: rsa.RSAPrivateKey, msg_hash: bytes) -> bytes:
 def verify_attestation(public_key: TeePublicKey | bytes, msg_hash: bytes,
                        signature: bytes) -> bool:
     """True iff `signature` is a valid RSA-PSS (SHA-256, MGF1-SHA-256, salt 32) signature of
-    `msg_hash` by `public_key` (a parsed key or its DER), with the on-chain length rule."""
+    `msg_hash` by `public_key` (a parsed key or its DER as `bytes`), with the on-chain length
+    rule. ~30 us for RSA-2048 on one core."""
     try:
         key = public_key if isinstance(public_key, TeePublicKey) else load_public_key(public_key)
     except InvalidTeeKey:
@@ -472,15 +475,16 @@ def parse_timestamp(value: Any, field: str, *, allow_string: bool = False) -> in
 
 
 def checksum_address(value: Any, field: str = "eth_address") -> str:
-    """EIP-55 form of a 0x address; a mixed-case input must already carry a valid checksum."""
+    """EIP-55 form of a 0x address given in lower case or already checksummed (viem's strict
+    `isAddress`, which OpenGradient's facilitator applies: an all-upper-case address is refused
+    unless it happens to be its own checksum)."""
     if not isinstance(value, str) or _ADDRESS.fullmatch(value) is None:
         raise AttestationFieldError(field, "expected a 0x-prefixed 20-byte hex address")
     lower = value[2:].lower()
     digest = keccak(lower.encode("ascii")).hex()
     checksummed = "0x" + "".join(c.upper() if int(d, 16) >= 8 else c
-                                 for c, d in zip(lower, digest))
-    body = value[2:]
-    if body != body.lower() and body != body.upper() and value != checksummed:
+                                 for c, d in zip(lower, digest[:40], strict=True))
+    if value[2:] != lower and value != checksummed:
         raise AttestationFieldError(field, "bad EIP-55 checksum")
     return checksummed
 

@@ -17,9 +17,10 @@ lowercase 0x-hex, `int` as a decimal string. Leaf encodings are limited to eleme
 
 Guarantees: pure; `load`/`validate` accept a dump only if every node is recomputed from the values
 (not trusted), so any changed value, node, layout or root is rejected. They are stricter than OZ's
-`load` in documented ways (canonical lowercase node hex; every leaf claimed by exactly one value;
-leaves in the sorted order OZ builds by default, unless `require_sorted=False`), and refuse value
-renderings OZ would parse differently from us (JSON numbers beyond 2^53, exotic number strings).
+`load` in documented ways (exactly the four dump keys; canonical lowercase node hex; every leaf
+claimed by exactly one value; leaves in the sorted order OZ builds by default, unless
+`require_sorted=False`), and refuse value renderings not reproduced exactly here (JSON numbers
+beyond 2^53, which JavaScript rounds; number strings other than decimal or 0x-hex).
 `tests/unit/test_merkle.py` pins roots, proofs and dumps to the npm package.
 """
 
@@ -137,8 +138,12 @@ def _dynamic_tail(kind: _Type, value: Any) -> bytes:
     return len(raw).to_bytes(32, "big") + padded
 
 
-def abi_encode(types: Sequence[_Type], values: Sequence[Any]) -> bytes:
-    """Standard (non-packed) ABI encoding of a tuple of elementary values."""
+def abi_encode(leaf_encoding: Sequence[str], values: Sequence[Any]) -> bytes:
+    """Standard (non-packed) ABI encoding of a tuple of elementary values (`abi.encode`)."""
+    return _encode(_types(leaf_encoding), values)
+
+
+def _encode(types: Sequence[_Type], values: Sequence[Any]) -> bytes:
     if len(types) != len(values):
         raise ValueError(f"expected {len(types)} values, got {len(values)}")
     head: list[bytes] = []
@@ -176,7 +181,7 @@ def _parsed_types(leaf_encoding: tuple[str, ...]) -> tuple[_Type, ...]:
 def leaf_hash(leaf_encoding: Sequence[str], values: Sequence[Any]) -> bytes:
     """keccak256(bytes.concat(keccak256(abi.encode(values)))): the double hash keeps a 64-byte
     leaf preimage from ever passing as an internal node."""
-    return keccak(keccak(abi_encode(_types(leaf_encoding), values)))
+    return keccak(keccak(_encode(_types(leaf_encoding), values)))
 
 
 def node_hash(a: bytes, b: bytes) -> bytes:
@@ -241,7 +246,7 @@ class StandardMerkleTree:
         if not values:
             raise ValueError("expected a non-empty list of leaves")
         rendered = tuple(tuple(_render(v) for v in value) for value in values)
-        hashes = [keccak(keccak(abi_encode(types, value))) for value in rendered]
+        hashes = [keccak(keccak(_encode(types, value))) for value in rendered]
         order = sorted(range(len(hashes)), key=hashes.__getitem__)  # stable, like JS sort
         tree = _build([hashes[i] for i in order])
         indices = [0] * len(values)
@@ -390,7 +395,7 @@ def _check_values(raw_values: list[Any], types: tuple[_Type, ...], tree: tuple[b
             raise InvalidDump(f"values[{position}].treeIndex is not an unclaimed leaf")
         claimed.add(tree_index)
         try:
-            leaf = keccak(keccak(abi_encode(types, value)))
+            leaf = keccak(keccak(_encode(types, value)))
         except ValueError as exc:
             raise InvalidDump(f"values[{position}]: {exc}") from None
         if leaf != tree[tree_index]:
