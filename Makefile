@@ -6,6 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PY_STAMP  := $(VENV)/.installed
 NPM_STAMP := node_modules/.installed
+SYS_STAMP := $(VENV)/.system-tools
 PYTEST_ARGS ?=
 
 .PHONY: run test bootstrap bench contracts clean
@@ -19,6 +20,10 @@ $(PY_STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test,devnet]"
 	@touch $@
 
+$(SYS_STAMP): deploy/ensure-prometheus.sh
+	@sh deploy/ensure-prometheus.sh
+	@touch $@
+
 $(NPM_STAMP): package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
@@ -26,7 +31,8 @@ $(NPM_STAMP): package.json package-lock.json
 run: bootstrap
 	$(BIN)/facilitator devnet
 
-test: bootstrap
+test: bootstrap $(SYS_STAMP)
+	@bash tests/compat/setup_og_venv.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: bootstrap

@@ -21,9 +21,17 @@ from facilitator.adapters.metrics import Metrics
 from facilitator.adapters.store import Store
 from facilitator.config import NetworkSettings, Settings
 from facilitator.http.app import build_http_app
-from facilitator.protocol.networks import NetworkRegistry
+from facilitator.protocol.networks import Network, NetworkRegistry
 from facilitator.protocol.reasons import Reason
+from facilitator.adapters.jobs import JobStore
+from facilitator.audit.routes import add_audit_routes
+from facilitator.audit.tokens import require_role
+from facilitator.adapters.sessions import SessionStore
+from facilitator.protocol.fields import to_checksum
+from facilitator.schemes.common import Scheme
 from facilitator.schemes.exact import ExactEip3009Scheme
+from facilitator.schemes.upto import UptoPermit2Scheme
+from facilitator.services.jobs import SettleJobWorker
 from facilitator.services.broadcaster import Broadcaster, GasPolicy
 from facilitator.services.facilitator import FacilitatorService, NetworkServices
 from facilitator.services.outcomes import OutcomeBoard
@@ -46,7 +54,7 @@ class _NetworkRuntime:
     broadcaster: Broadcaster
     tracker: Tracker
     settler: Settler
-    scheme: ExactEip3009Scheme
+    schemes: dict[str, Scheme]
     watcher: ChainWatcher
 
 
@@ -58,6 +66,9 @@ class Facilitator:
     service: FacilitatorService
     recorder: VerificationRecorder
     networks: dict[str, _NetworkRuntime]
+    jobs: JobStore
+    job_worker: SettleJobWorker
+    sessions: SessionStore
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _runner: web.AppRunner | None = None
     port: int = 0
@@ -71,21 +82,25 @@ class Facilitator:
         metrics = Metrics(networks=tuple(ns.network.key for ns in settings.networks),
                           causes=tuple(str(r) for r in Reason))
         store = await Store.connect(settings.database_url.reveal(), max_size=settings.db_pool_size)
+        metrics.track_db_pool(store.pool)
         try:
             await store.migrate()
         except Exception:
             await store.close()
             raise
         recorder = VerificationRecorder(store, metrics)
-        runtimes = {ns.network.key: _build_network(ns, settings, store, metrics)
+        sessions = SessionStore(store.pool)
+        runtimes = {ns.network.key: _build_network(ns, settings, store, sessions, metrics)
                     for ns in settings.networks}
         service = FacilitatorService(
             registry=NetworkRegistry(tuple(ns.network for ns in settings.networks)),
-            services={k: NetworkServices(r.settings.network, r.scheme, r.settler)
+            services={k: NetworkServices(r.settings.network, r.schemes, r.settler, sessions)
                       for k, r in runtimes.items()},
             recorder=recorder, metrics=metrics, signer_address=settings.signer_key.address)
+        jobs = JobStore(store.pool)
         return cls(settings=settings, metrics=metrics, store=store, service=service,
-                   recorder=recorder, networks=runtimes)
+                   recorder=recorder, networks=runtimes, jobs=jobs,
+                   job_worker=SettleJobWorker(jobs=jobs, service=service), sessions=sessions)
 
     async def start(self) -> None:
         for runtime in self.networks.values():
@@ -98,7 +113,12 @@ class Facilitator:
             if self.settings.watcher_enabled:
                 self._spawn(runtime.watcher.run(), f"watcher:{runtime.settings.network.key}")
         self._spawn(self.recorder.run(), "recorder")
-        app = build_http_app(self.service, self.metrics, self.readiness, self.settlement_status)
+        self._spawn(self.job_worker.run(), "settle-jobs")
+        app = build_http_app(self.service, self.metrics, self.readiness, self.settlement_status,
+                             _AsyncSettlement(self))
+        add_audit_routes(app, self.store.pool, self.settings.api_tokens)
+        app.router.add_post("/v1/ops/chains/{network}/resume",
+                            require_role("operator")(self.resume_chain))
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.settings.host, self.settings.port,
@@ -126,6 +146,18 @@ class Facilitator:
             await runtime.chain.close()
         await self.store.close()
 
+    async def resume_chain(self, request: web.Request) -> web.Response:
+        """Operator action after a deep reorg halted a chain's watcher: accept the chain as it is
+        now (the watcher then reverts to the common ancestor and confirms again)."""
+        runtime = self.networks.get(request.match_info["network"])
+        if runtime is None:
+            return web.json_response({"error": "not_found", "message": "no such network"},
+                                     status=404)
+        resumed = await runtime.watcher.resume()
+        log.warning("operator resumed the watcher of %s (was halted: %s)",
+                    runtime.settings.network.key, resumed)
+        return web.json_response({"network": runtime.settings.network.key, "resumed": resumed})
+
     async def readiness(self) -> dict[str, Any]:
         checks: dict[str, str] = {}
         try:
@@ -139,10 +171,6 @@ class Facilitator:
                 checks[f"rpc:{key}"] = "ok"
             except Exception as exc:  # noqa: BLE001
                 checks[f"rpc:{key}"] = f"unavailable: {type(exc).__name__}"
-        pool = self.store.pool
-        self.metrics.db_pool_connections.labels("max").set(pool.get_max_size())
-        self.metrics.db_pool_connections.labels("idle").set(pool.get_idle_size())
-        self.metrics.db_pool_connections.labels("in_use").set(pool.get_size() - pool.get_idle_size())
         return {"ready": all(v == "ok" for v in checks.values()), "checks": checks}
 
     async def settlement_status(self, key: str) -> dict[str, Any] | None:
@@ -161,14 +189,18 @@ class Facilitator:
         return _status_body(row, timeline, head)
 
 
-def _build_network(ns: NetworkSettings, settings: Settings, store: Store, metrics: Metrics
-                   ) -> _NetworkRuntime:
+def _build_network(ns: NetworkSettings, settings: Settings, store: Store,
+                   sessions: SessionStore, metrics: Metrics) -> _NetworkRuntime:
     network = ns.network
     chain = JsonRpcClient([u.reveal() for u in ns.rpc_urls], chain=network.key, metrics=metrics,
                           timeout_s=settings.rpc_timeout_s)
     board = OutcomeBoard()
-    scheme = ExactEip3009Scheme(network=network, chain=chain,
-                                facilitator_address=settings.signer_key.address.lower())
+    signer = settings.signer_key.address.lower()
+    schemes: dict[str, Scheme] = {
+        "exact": ExactEip3009Scheme(network=network, chain=chain, facilitator_address=signer)}
+    if "upto" in settings.schemes:
+        schemes["upto"] = UptoPermit2Scheme(network=network, chain=chain,
+                                            facilitator_address=signer)
     broadcaster = Broadcaster(
         network=network, chain=chain, store=store, key=settings.signer_key, board=board,
         metrics=metrics, policy=GasPolicy(
@@ -178,21 +210,111 @@ def _build_network(ns: NetworkSettings, settings: Settings, store: Store, metric
     tracker = Tracker(network=network, chain=chain, store=store, board=board, metrics=metrics,
                       poll_interval_s=settings.receipt_poll_interval_s,
                       resend_after_s=settings.resend_after_s)
-    settler = Settler(scheme=scheme, chain=chain, store=store, board=board,
+    tracker.signer = settings.signer_key.address
+    settler = Settler(network=network, chain=chain, store=store, sessions=sessions, board=board,
                       broadcaster=broadcaster, tracker=tracker, metrics=metrics,
                       policy=SettlePolicy(receipt_timeout_s=settings.receipt_timeout_s,
                                           gas_limit_cap=settings.gas_limit_cap,
                                           duplicates=settings.duplicate_settle))
     watcher = ChainWatcher(
         network=network, chain=chain, state=ChainState(store.pool, network.chain_id, network.key),
-        metrics=metrics, policy=WatcherPolicy(
-            confirmations=network.confirmations, max_reorg_depth=settings.max_reorg_depth,
-            range_blocks=settings.watcher_range_blocks,
-            poll_interval_s=settings.watcher_poll_interval_s,
-            start_lookback_blocks=settings.watcher_start_lookback_blocks,
-            watched_payees=settings.watched_payees))
+        metrics=metrics, policy=_watcher_policy(network, settings))
     watcher.on_reorged = settler.track_again
-    return _NetworkRuntime(ns, chain, broadcaster, tracker, settler, scheme, watcher)
+    watcher.after_step = lambda: broadcaster.refresh_balance(min_interval_s=10.0)
+    return _NetworkRuntime(ns, chain, broadcaster, tracker, settler, schemes, watcher)
+
+
+async def run_watchers(settings: Settings, stop: asyncio.Event) -> None:
+    """`facilitator watch`: only the chain watchers (confirmations, reorgs, unmatched
+    transfers), for running them apart from the API; the same checkpoints, so never both."""
+    metrics = Metrics(networks=tuple(ns.network.key for ns in settings.networks))
+    store = await Store.connect(settings.database_url.reveal(), max_size=4)
+    chains: list[JsonRpcClient] = []
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        await store.migrate()
+        for ns in settings.networks:
+            chain = JsonRpcClient([u.reveal() for u in ns.rpc_urls], chain=ns.network.key,
+                                  metrics=metrics, timeout_s=settings.rpc_timeout_s)
+            await chain.start()
+            chains.append(chain)
+            watcher = ChainWatcher(network=ns.network, chain=chain,
+                                   state=ChainState(store.pool, ns.network.chain_id,
+                                                    ns.network.key),
+                                   metrics=metrics, policy=_watcher_policy(ns.network, settings))
+            tasks.append(asyncio.get_running_loop().create_task(watcher.run()))
+        log.info("watching %s", ", ".join(ns.network.key for ns in settings.networks))
+        await stop.wait()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for chain in chains:
+            await chain.close()
+        await store.close()
+
+
+def _watcher_policy(network: Network, settings: Settings) -> WatcherPolicy:
+    return WatcherPolicy(
+        confirmations=network.confirmations, max_reorg_depth=settings.max_reorg_depth,
+        range_blocks=settings.watcher_range_blocks,
+        poll_interval_s=settings.watcher_poll_interval_s,
+        start_lookback_blocks=settings.watcher_start_lookback_blocks,
+        watched_payees=settings.watched_payees)
+
+
+class _AsyncSettlement:
+    """Which /settle calls run as jobs, and the job and usage views (see http/app.py)."""
+
+    def __init__(self, facilitator: Facilitator) -> None:
+        self._facilitator = facilitator
+        self._targets = facilitator.settings.async_settle_for
+
+    def wanted(self, request: web.Request, body: Any) -> bool:
+        mode = request.headers.get("X-Settle-Mode", "").strip().lower()
+        if mode in ("async", "sync"):
+            return mode == "async"
+        return bool(self._targets) and _targets_match(body, self._targets)
+
+    async def enqueue(self, body: Any) -> dict[str, Any]:
+        job = await self._facilitator.jobs.enqueue(body)
+        self._facilitator.job_worker.wake()
+        return {"jobId": job.job_id, "queue": job.queue, "status": job.status}
+
+    async def job(self, job_id: str) -> dict[str, Any] | None:
+        job = await self._facilitator.jobs.get(job_id)
+        if job is None:
+            return None
+        return {"jobId": job.job_id, "queue": job.queue, "status": job.status,
+                "result": job.result, "error": job.error, "attempts": job.attempts,
+                "createdAt": job.created_at.isoformat(),
+                "finishedAt": job.finished_at.isoformat() if job.finished_at else None}
+
+    async def usage(self, days: int) -> dict[str, Any]:
+        rows = await self._facilitator.sessions.usage_by_day(days)
+        return {"days": days, "usage": [_usage_row(r) for r in rows]}
+
+
+def _targets_match(body: Any, targets: tuple[str, ...]) -> bool:
+    if not isinstance(body, dict):
+        return False
+    requirements = body.get("paymentRequirements")
+    pay_to = requirements.get("payTo") if isinstance(requirements, dict) else None
+    payment = body.get("paymentPayload")
+    resource = payment.get("resource") if isinstance(payment, dict) else None
+    url = resource.get("url") if isinstance(resource, dict) else None
+    return any((isinstance(pay_to, str) and pay_to.lower() == t) or
+               (isinstance(url, str) and t.startswith("http") and url.startswith(t))
+               for t in targets)
+
+
+def _usage_row(row: dict[str, Any]) -> dict[str, Any]:
+    return {"day": row["day"].isoformat(), "service": row["service"],
+            "payTo": to_checksum("0x" + bytes(row["pay_to"]).hex()),
+            "settlements": row["settlements"], "requests": int(row["requests"]),
+            "costOpg": str(int(row["cost_opg"])), "costUsd": format(row["cost_usd"], "f"),
+            "inputTokens": int(row["input_tokens"]), "outputTokens": int(row["output_tokens"]),
+            "totalTokens": int(row["total_tokens"])}
 
 
 async def _check_chain_id(runtime: _NetworkRuntime) -> None:

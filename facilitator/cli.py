@@ -1,4 +1,4 @@
-"""`facilitator` command line: serve, devnet, migrate.
+"""`facilitator` command line: serve, watch, audit, migrate, devnet.
 
 Exit codes: 0 on a clean stop, 2 when the configuration is invalid (the message names the
 setting), 1 on any other start-up failure.
@@ -16,6 +16,7 @@ import sys
 from collections.abc import Awaitable, Callable
 
 from facilitator.adapters.logging import configure_logging
+from facilitator.audit.cli import add_audit_parser, run_audit
 from facilitator.config import ConfigError, load_settings
 
 log = logging.getLogger("facilitator.cli")
@@ -26,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run the facilitator against the configured chains and database")
     sub.add_parser("migrate", help="apply database migrations (DATABASE_URL) and exit")
+    sub.add_parser("watch", help="run only the chain watchers (confirmations, reorgs)")
+    add_audit_parser(sub)
     devnet = sub.add_parser("devnet", help="run a local devnet with the facilitator on it")
     devnet.add_argument("--port", type=int, default=4022, help="facilitator port (4022)")
     devnet.add_argument("--rpc-port", type=int, default=8545, help="anvil port (8545)")
@@ -60,6 +63,19 @@ async def _serve(args: argparse.Namespace) -> int:
     await service.start()
     await _until_signalled()
     await service.stop()
+    return 0
+
+
+async def _watch(args: argparse.Namespace) -> int:
+    from facilitator.app import run_watchers
+
+    settings = load_settings()
+    configure_logging(settings.log_level, settings.log_format, settings.secrets)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await run_watchers(settings, stop)
     return 0
 
 
@@ -105,7 +121,8 @@ async def _until_signalled() -> None:
 
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], Awaitable[int]]] = {
-    "serve": _serve, "migrate": _migrate, "devnet": _devnet,
+    "serve": _serve, "migrate": _migrate, "devnet": _devnet, "watch": _watch,
+    "audit": run_audit,
 }
 
 if __name__ == "__main__":

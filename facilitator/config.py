@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from facilitator.adapters.signer import SignerKey, SignerKeyError
+from facilitator.audit.tokens import ApiToken, parse_api_tokens
 from facilitator.protocol.fields import BadRequest, address
 from facilitator.protocol.networks import BASE_SEPOLIA, Asset, Network, TransferMethod
 
@@ -77,12 +78,15 @@ class Settings:
     resend_after_s: float = 4.0
     db_pool_size: int = 20
     duplicate_settle: str = "replay"
+    schemes: tuple[str, ...] = ("exact", "upto")
+    async_settle_for: tuple[str, ...] = ()  # payTo addresses or resource URL prefixes
     watcher_enabled: bool = True
     max_reorg_depth: int = 64
     watcher_range_blocks: int = 200
     watcher_poll_interval_s: float = 1.0
     watcher_start_lookback_blocks: int = 1_000
     watched_payees: frozenset[str] = frozenset()
+    api_tokens: tuple[ApiToken, ...] = ()
     log_level: str = "INFO"
     log_format: str = "json"
     secrets: tuple[str, ...] = field(default=(), repr=False)  # values the log filter redacts
@@ -190,6 +194,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
                                    low=0.1, high=3600),
         db_pool_size=read.integer("FACILITATOR_DB_POOL_SIZE", 20, "database.pool_size",
                                   low=2, high=500),
+        schemes=_schemes(read.text("FACILITATOR_SCHEMES", "exact,upto", "settlement.schemes")),
+        async_settle_for=_async_targets(read.text("FACILITATOR_ASYNC_SETTLE_FOR", "-",
+                                                  "settlement.async_for")),
         duplicate_settle=read.choice("FACILITATOR_DUPLICATE_SETTLE", "replay",
                                      ("replay", "reject"), "settlement.duplicates"),
         watcher_enabled=read.choice("FACILITATOR_WATCHER", "on", ("on", "off"),
@@ -205,12 +212,46 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             low=0, high=10_000_000),
         watched_payees=_addresses(read.text("FACILITATOR_WATCH_PAY_TO", "-",
                                             "watcher.pay_to"), "FACILITATOR_WATCH_PAY_TO"),
+        api_tokens=_api_tokens(env.get("FACILITATOR_API_TOKENS", "")),
         log_level=read.choice("FACILITATOR_LOG_LEVEL", "INFO",
                               ("DEBUG", "INFO", "WARNING", "ERROR"), "logging.level"),
         log_format=read.choice("FACILITATOR_LOG_FORMAT", "json", ("json", "text"),
                                "logging.format"),
         secrets=tuple(s for s in secrets if s),
     )
+
+
+def _api_tokens(value: str) -> tuple[ApiToken, ...]:
+    try:
+        return parse_api_tokens(value)
+    except ValueError as exc:
+        raise ConfigError(f"FACILITATOR_API_TOKENS: {exc}") from None
+
+
+def _schemes(value: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    unknown = [n for n in names if n not in ("exact", "upto")]
+    if unknown or not names or "exact" not in names:
+        raise ConfigError("FACILITATOR_SCHEMES must list exact and optionally upto, "
+                          f"got {value[:60]!r}")
+    return names
+
+
+def _async_targets(value: str) -> tuple[str, ...]:
+    """payTo addresses (lower-cased) and resource URL prefixes whose /settle runs as a job."""
+    if value == "-":
+        return ()
+    targets = []
+    for item in (t.strip() for t in value.split(",") if t.strip()):
+        if item.startswith(("http://", "https://")):
+            targets.append(item)
+            continue
+        try:
+            targets.append(address(item, "FACILITATOR_ASYNC_SETTLE_FOR"))
+        except BadRequest:
+            raise ConfigError("FACILITATOR_ASYNC_SETTLE_FOR entries must be payTo addresses or "
+                              "http(s) resource URL prefixes") from None
+    return tuple(targets)
 
 
 def _addresses(value: str, var: str) -> frozenset[str]:

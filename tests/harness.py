@@ -28,6 +28,9 @@ CHAIN_ID = 84532
 NETWORK = "eip155:84532"
 V1_NETWORK = "base-sepolia"
 USDC = contracts.CANONICAL_USDC
+OPG = contracts.CANONICAL_OPG
+PERMIT2 = contracts.PERMIT2_ADDRESS
+UPTO_PROXY = contracts.UPTO_PROXY_ADDRESS
 OWNER_KEY = DEV_KEYS[0]
 ETHER = 10**18
 
@@ -51,8 +54,13 @@ class DevChain:
 
     @classmethod
     async def start(cls, **anvil_args: Any) -> DevChain:
+        """anvil with USDC (EIP-3009) and OPG + Permit2 + the x402 upto proxy, all at their
+        canonical Base Sepolia addresses."""
         anvil = await Anvil(chain_id=CHAIN_ID, **anvil_args).start()
         usdc = await contracts.install_usdc(anvil.url, OWNER_KEY)
+        await contracts.install_opg(anvil.url, OWNER_KEY)
+        await contracts.install_permit2(anvil.url)
+        await contracts.install_upto_proxy(anvil.url)
         return cls(anvil, usdc)
 
     @property
@@ -69,6 +77,16 @@ class DevChain:
         payer = Account.create()
         if usdc_amount:
             await contracts.mint(self.url, OWNER_KEY, self.usdc, payer.address, usdc_amount)
+        return payer
+
+    async def new_upto_payer(self, opg: int = 10 * 10**18, *, approve: bool = True
+                             ) -> LocalAccount:
+        """A payer holding OPG who approved Permit2 once (as OpenGradient's SDK does)."""
+        payer = Account.from_key(await self.new_funded_key(1))
+        if opg:
+            await contracts.mint(self.url, OWNER_KEY, OPG, payer.address, opg)
+        if approve:
+            await contracts.approve_permit2(self.url, payer.key.hex(), OPG)
         return payer
 
     async def new_funded_key(self, ether: int = 100) -> str:
@@ -144,6 +162,47 @@ def body_v2(payload: dict[str, Any], reqs: dict[str, Any],
             "paymentPayload": {"x402Version": 2, "accepted": accepted or reqs, "payload": payload,
                                "resource": {"url": "http://127.0.0.1/paid"}},
             "paymentRequirements": reqs}
+
+
+def upto_requirements(pay_to: str, amount: int, *, facilitator: str, asset: str = OPG,
+                      network: str = NETWORK) -> dict[str, Any]:
+    """What OpenGradient's gateway asks for: a session cap in OPG over Permit2."""
+    return {"scheme": "upto", "network": network, "amount": str(amount), "asset": asset,
+            "payTo": pay_to, "maxTimeoutSeconds": 300,
+            "extra": {"name": "OPG", "version": "2", "assetTransferMethod": "permit2",
+                      "facilitatorAddress": facilitator}}
+
+
+def sign_upto(payer: LocalAccount, *, pay_to: str, cap: int, facilitator: str,
+              token: str = OPG, nonce: int | None = None, deadline: int | None = None,
+              valid_after: int | None = None, spender: str = UPTO_PROXY,
+              signer: LocalAccount | None = None, owner: str | None = None) -> dict[str, Any]:
+    """An upto `{signature, permit2Authorization}` payload signed for real (EIP-712, Permit2)."""
+    nonce = nonce if nonce is not None else int.from_bytes(os.urandom(32), "big")
+    deadline = deadline if deadline is not None else int(time.time()) + 300
+    valid_after = valid_after if valid_after is not None else int(time.time()) - 600
+    permit = contracts.sign_upto_permit(
+        (signer or payer).key.hex(), chain_id=CHAIN_ID, token=token, cap=cap, nonce=nonce,
+        deadline=deadline, to=pay_to, facilitator=facilitator, valid_after=valid_after,
+        owner=owner or payer.address, spender=spender)
+    return {"signature": "0x" + permit.signature.hex(),
+            "permit2Authorization": {
+                "from": permit.owner, "permitted": {"token": permit.token, "amount": str(cap)},
+                "spender": spender, "nonce": str(nonce), "deadline": str(deadline),
+                "witness": {"to": permit.to, "facilitator": permit.facilitator,
+                            "validAfter": str(valid_after)}}}
+
+
+def upto_body(payload: dict[str, Any], cap_requirements: dict[str, Any],
+              amount: int | None = None, usage: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A /verify body (amount None) or a /settle body for `amount` (settle-time requirements)."""
+    reqs = dict(cap_requirements)
+    if amount is not None:
+        reqs["amount"] = str(amount)
+    body = body_v2(payload, reqs, accepted=cap_requirements)
+    if usage is not None:
+        body["usageMetadata"] = usage
+    return body
 
 
 def body_v1(payload: dict[str, Any], reqs: dict[str, Any]) -> dict[str, Any]:

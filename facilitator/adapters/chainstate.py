@@ -37,6 +37,7 @@ class Cursor:
     number: int
     hash: bytes
     halted_reason: str | None
+    accept_deep_reorg: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,11 +87,11 @@ class ChainState:
         self.network = network
 
     async def cursor(self) -> Cursor | None:
-        rec = await self.pool.fetchrow(
-            "SELECT head_number, head_hash, halted_reason FROM chain_cursors WHERE chain_id = $1",
-            self.chain_id)
+        rec = await self.pool.fetchrow("""
+            SELECT head_number, head_hash, halted_reason, accept_deep_reorg FROM chain_cursors
+            WHERE chain_id = $1""", self.chain_id)
         return None if rec is None else Cursor(rec["head_number"], bytes(rec["head_hash"]),
-                                               rec["halted_reason"])
+                                               rec["halted_reason"], rec["accept_deep_reorg"])
 
     async def stored_hash(self, number: int) -> bytes | None:
         value = await self.pool.fetchval(
@@ -107,12 +108,13 @@ class ChainState:
             UPDATE chain_cursors SET halted_reason = $2, halted_at = clock_timestamp(),
                 updated_at = clock_timestamp() WHERE chain_id = $1""", self.chain_id, reason[:500])
 
-    async def resume(self) -> bool:
-        """Operator action after a deep reorg: confirmations may continue."""
+    async def resume_accepting_reorg(self) -> bool:
+        """Operator action after a deep reorg: the next reorg handling may undo confirmed
+        settlements, and confirmations continue afterwards."""
         result = await self.pool.execute("""
             UPDATE chain_cursors SET halted_reason = NULL, halted_at = NULL,
-                updated_at = clock_timestamp() WHERE chain_id = $1 AND halted_reason IS NOT NULL""",
-            self.chain_id)
+                accept_deep_reorg = true, updated_at = clock_timestamp()
+            WHERE chain_id = $1 AND halted_reason IS NOT NULL""", self.chain_id)
         return result.endswith(" 1")
 
     async def watched_payees(self, candidates: Sequence[str], configured: frozenset[str]
@@ -193,8 +195,8 @@ class ChainState:
                 self.chain_id, ancestor)
             await conn.execute("""
                 UPDATE chain_cursors SET head_number = $2, head_hash = $3,
-                    updated_at = clock_timestamp() WHERE chain_id = $1""",
-                self.chain_id, ancestor, ancestor_hash)
+                    accept_deep_reorg = false, updated_at = clock_timestamp()
+                WHERE chain_id = $1""", self.chain_id, ancestor, ancestor_hash)
         return [r["id"] for r in moved]
 
     async def external_rows_above(self, ancestor: int) -> int:

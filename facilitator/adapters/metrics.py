@@ -7,6 +7,8 @@ Each `Metrics` owns its own registry, so several service instances can live in o
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 # Latency buckets: verify is ~ms; settle spans automine (~10 ms) to Base's 2 s blocks and beyond.
@@ -18,7 +20,12 @@ NS = "facilitator"
 
 
 FAILURE_EXTRA_CAUSES = ("rpc_error", "signer_underfunded", "reverted", "receipt_timeout",
-                        "dropped", "reorged", "expired", "front_run", "gas_cap", "overloaded")
+                        "dropped", "reorged", "expired", "front_run", "gas_cap", "overloaded",
+                        "send_rejected", "internal_error")
+SCHEME_NAMES = ("exact", "upto")
+RPC_METHODS = ("eth_blockNumber", "eth_call", "eth_chainId", "eth_estimateGas", "eth_getBalance",
+               "eth_getBlockByNumber", "eth_getCode", "eth_getLogs", "eth_getTransactionByHash",
+               "eth_getTransactionCount", "eth_getTransactionReceipt", "eth_sendRawTransaction")
 AGE_BUCKETS = ("lt_30s", "lt_5m", "lt_1h", "ge_1h")
 PHASES = ("verify", "request_to_broadcast", "broadcast_to_inclusion", "inclusion_to_confirmation",
           "end_to_end")
@@ -122,6 +129,12 @@ class Metrics:
         """Create every series of the closed label sets up front, so dashboards and alerts see
         zeros instead of "no data" before the first event."""
         for net in networks:
+            for scheme in SCHEME_NAMES:
+                self.verify_seconds.labels(scheme, net)
+                self.settle_seconds.labels(scheme, net)
+            for method in RPC_METHODS:
+                for kind in ("transport", "node_error"):
+                    self.rpc_errors.labels(net, method, kind)
             for phase in PHASES:
                 self.settlement_latency.labels(net, phase)
             for cause in (*causes, *FAILURE_EXTRA_CAUSES):
@@ -139,6 +152,13 @@ class Metrics:
             self.signer_underfunded.labels(net)
             for cause in ("send_rejected", "nonce_taken"):
                 self.signer_nonce_resets.labels(net, cause)
+
+    def track_db_pool(self, pool: Any) -> None:
+        """Pool usage read at scrape time (an asyncpg pool)."""
+        gauge = self.db_pool_connections
+        gauge.labels("max").set_function(pool.get_max_size)
+        gauge.labels("idle").set_function(pool.get_idle_size)
+        gauge.labels("in_use").set_function(lambda: pool.get_size() - pool.get_idle_size())
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -28,7 +28,8 @@ SETTLEMENT_COLUMNS = """id, public_id, scheme, x402_version, network, chain_id, 
     pay_to, amount, nonce, valid_after, valid_before, signature, fingerprint, call_to, calldata,
     state, reason, message, settled_by, signer, signer_nonce, gas_limit, max_fee_per_gas, tx_hash,
     raw_tx, block_number, block_hash, log_index, attempts, created_at, signed_at, broadcast_at,
-    included_at, confirmed_at, failed_at, updated_at, success_answers, success_answered_at"""
+    included_at, confirmed_at, failed_at, updated_at, success_answers, success_answered_at,
+    transfer_method, cap_amount"""
 
 
 def _b(hex_address: str) -> bytes:
@@ -81,13 +82,15 @@ class SettlementRow:
     updated_at: datetime
     success_answers: int
     success_answered_at: datetime | None
+    transfer_method: str
+    cap_amount: int | None
 
     @classmethod
     def from_record(cls, rec: asyncpg.Record) -> SettlementRow:
         values = dict(rec)
         for key in ("asset", "payer", "pay_to", "call_to", "signer"):
             values[key] = _h(values[key])
-        for key in ("amount", "valid_after", "valid_before", "max_fee_per_gas"):
+        for key in ("amount", "valid_after", "valid_before", "max_fee_per_gas", "cap_amount"):
             if values[key] is not None:
                 values[key] = int(values[key])
         values["public_id"] = str(values["public_id"])
@@ -175,16 +178,23 @@ class Store:
         rec = await self.pool.fetchrow(f"""
             INSERT INTO settlements (scheme, x402_version, network, chain_id, asset, payer, pay_to,
                 amount, nonce, valid_after, valid_before, signature, fingerprint, call_to,
-                calldata, state)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, 'pending')
-            ON CONFLICT (chain_id, asset, payer, nonce) DO NOTHING
+                calldata, transfer_method, cap_amount, state)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
+                    'pending')
+            ON CONFLICT DO NOTHING
             RETURNING {SETTLEMENT_COLUMNS}""", *values)
         if rec is not None:
             return Claim(SettlementRow.from_record(rec), created=True)
-        existing = await self.pool.fetchrow(f"""
-            SELECT {SETTLEMENT_COLUMNS} FROM settlements
-            WHERE chain_id = $1 AND asset = $2 AND payer = $3 AND nonce = $4""",
-            intent.chain_id, _b(intent.asset), _b(intent.payer), intent.nonce)
+        if intent.transfer_method == "permit2":  # Permit2 nonces are per owner, any token
+            existing = await self.pool.fetchrow(f"""
+                SELECT {SETTLEMENT_COLUMNS} FROM settlements WHERE chain_id = $1 AND payer = $2
+                  AND nonce = $3 AND transfer_method = 'permit2'""",
+                intent.chain_id, _b(intent.payer), intent.nonce)
+        else:
+            existing = await self.pool.fetchrow(f"""
+                SELECT {SETTLEMENT_COLUMNS} FROM settlements
+                WHERE chain_id = $1 AND asset = $2 AND payer = $3 AND nonce = $4""",
+                intent.chain_id, _b(intent.asset), _b(intent.payer), intent.nonce)
         invariant(existing is not None, "a conflicting row must exist")
         return Claim(SettlementRow.from_record(existing), created=False)
 
@@ -195,7 +205,8 @@ class Store:
         rec = await self.pool.fetchrow(f"""
             UPDATE settlements SET state = 'pending', x402_version = $2, network = $3,
                 pay_to = $4, amount = $5, valid_after = $6, valid_before = $7, signature = $8,
-                fingerprint = $9, call_to = $10, calldata = $11, reason = NULL, message = NULL,
+                fingerprint = $9, call_to = $10, calldata = $11, cap_amount = $12,
+                reason = NULL, message = NULL,
                 failed_at = NULL, tx_hash = NULL, raw_tx = NULL, signer = NULL,
                 signer_nonce = NULL, gas_limit = NULL, max_fee_per_gas = NULL,
                 signed_at = NULL, broadcast_at = NULL, attempts = attempts + 1
@@ -203,7 +214,7 @@ class Store:
             RETURNING {SETTLEMENT_COLUMNS}""",
             settlement_id, intent.x402_version, intent.network, _b(intent.pay_to),
             intent.amount, intent.valid_after, intent.valid_before, intent.signature,
-            intent.fingerprint, _b(intent.call_to), intent.calldata)
+            intent.fingerprint, _b(intent.call_to), intent.calldata, intent.cap_amount)
         return None if rec is None else SettlementRow.from_record(rec)
 
     # -- state transitions --------------------------------------------------------------------
@@ -330,7 +341,7 @@ def _intent_values(intent: SettlementIntent) -> tuple[Any, ...]:
     return (intent.scheme, intent.x402_version, intent.network, intent.chain_id,
             _b(intent.asset), _b(intent.payer), _b(intent.pay_to), intent.amount, intent.nonce,
             intent.valid_after, intent.valid_before, intent.signature, intent.fingerprint,
-            _b(intent.call_to), intent.calldata)
+            _b(intent.call_to), intent.calldata, intent.transfer_method, intent.cap_amount)
 
 
 def _migration_files() -> list[tuple[str, str]]:

@@ -25,10 +25,11 @@ Guarantees:
 - All SQL text is assembled from constants of this module (column expressions from fixed
   whitelists); every value is a `$n` parameter.
 - Pages are keyset-paginated on a unique key in a fixed order (settlements: `(created_at, id)`;
-  transfers: `(observed_at, chain_id, block_hash, log_index)`; totals: `(group, chain_id,
-  asset)`). Following `nextCursor` never repeats a row and never skips a row that existed when
-  the first page was read, whatever is inserted in between. Rows inserted meanwhile appear only
-  if they sort after the cursor (with `order=asc`, new settlements appear at the end).
+  transfers: `(observed_at, chain_id, block_number, block_hash, log_index)`; totals:
+  `(group, chain_id, asset)`). Following `nextCursor` never repeats a row and never skips a
+  row that existed when the first page was read, whatever is inserted in between. Rows
+  inserted meanwhile appear only if they sort after the cursor (with `order=asc`, new
+  settlements appear at the end).
 - An export reads one consistent snapshot (REPEATABLE READ, read-only) through a server-side
   cursor, `EXPORT_BATCH_ROWS` rows at a time: memory does not grow with the result.
 - Output values are JSON-ready: addresses and hashes as lower-case 0x hex, amounts and uint256
@@ -304,7 +305,7 @@ def _day(value: Any) -> date:
 _KEY_DECODERS = {"us": _from_micros, "int": _int, "h20": _hex_key(20), "h32": _hex_key(32),
                  "day": _day}
 _SETTLEMENT_KEY = ("us", "int")
-_TRANSFER_KEY = ("us", "int", "h32", "int")
+_TRANSFER_KEY = ("us", "int", "int", "h32", "int")
 _TOTALS_KEYS = {"pay_to": ("h20", "int", "h20"), "payer": ("h20", "int", "h20"),
                 "day": ("day", "int", "h20")}
 
@@ -438,13 +439,16 @@ def unmatched_query(filters: Filters, page: Page) -> Query:
     query = Query(where=["t.settlement_id IS NULL"])
     _apply_filters(query, filters, _ON_TRANSFERS)
     if page.after is not None:
-        _after(query, "t.observed_at, t.chain_id, t.block_hash, t.log_index", page, page.after)
+        _after(query, "t.observed_at, t.chain_id, t.block_number, t.block_hash, t.log_index",
+               page, page.after)
     direction = _DIRECTION[page.order][0]
     query.text = ("SELECT " + _select(TRANSFER_FIELDS) + ", t.observed_at AS _at, "
-                  "t.chain_id AS _chain, t.block_hash AS _block, t.log_index AS _log "
+                  "t.chain_id AS _chain, t.block_number AS _number, t.block_hash AS _block, "
+                  "t.log_index AS _log "
                   "FROM chain_transfers t" + query.where_clause()
                   + " ORDER BY t.observed_at " + direction + ", t.chain_id " + direction
-                  + ", t.block_hash " + direction + ", t.log_index " + direction
+                  + ", t.block_number " + direction + ", t.block_hash " + direction
+                  + ", t.log_index " + direction
                   + " LIMIT " + query.arg(page.limit + 1))
     return query
 
@@ -508,7 +512,8 @@ async def list_unmatched(pool: asyncpg.Pool, filters: Filters, page: Page) -> di
     if more:
         last = rows[-1]
         cursor = encode_cursor("unmatched", page.order, (
-            _micros(last["_at"]), last["_chain"], last["_block"].hex(), last["_log"]))
+            _micros(last["_at"]), last["_chain"], last["_number"], last["_block"].hex(),
+            last["_log"]))
     return {"transfers": [_public(r) for r in rows], "nextCursor": cursor}
 
 

@@ -27,6 +27,10 @@ TRANSFER_WITH_AUTHORIZATION_VRS = selector(
 TRANSFER_WITH_AUTHORIZATION_BYTES = selector(
     "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,bytes)")
 
+NONCE_BITMAP = selector("nonceBitmap(address,uint256)")
+UPTO_PROXY_SETTLE = selector(
+    "settle(((address,uint256),uint256,uint256),uint256,address,(address,address,uint256),bytes)")
+
 ERC1271_MAGIC = bytes.fromhex("1626ba7e")
 TRANSFER_TOPIC = keccak(b"Transfer(address,address,uint256)")
 AUTHORIZATION_USED_TOPIC = keccak(b"AuthorizationUsed(address,bytes32)")
@@ -68,6 +72,20 @@ def transfer_with_authorization(
         v = signature[64] + 27 if signature[64] < 27 else signature[64]
         return TRANSFER_WITH_AUTHORIZATION_VRS + head + word(v) + signature[:32] + signature[32:64]
     return TRANSFER_WITH_AUTHORIZATION_BYTES + head + word(7 * 32) + dynamic_bytes(signature)
+
+
+def nonce_bitmap(owner: str, word_position: int) -> bytes:
+    return NONCE_BITMAP + address_word(owner) + word(word_position)
+
+
+def upto_proxy_settle(token: str, cap: int, nonce: int, deadline: int, amount: int, owner: str,
+                      to: str, facilitator: str, valid_after: int, signature: bytes) -> bytes:
+    """x402UptoPermit2Proxy.settle(permit, amount, owner, witness, signature): every argument
+    but the signature is static, so the head is ten words and the signature follows."""
+    head = (address_word(token) + word(cap) + word(nonce) + word(deadline) + word(amount)
+            + address_word(owner) + address_word(to) + address_word(facilitator)
+            + word(valid_after) + word(10 * 32))
+    return UPTO_PROXY_SETTLE + head + dynamic_bytes(signature)
 
 
 def decode_uint(result: str) -> int:

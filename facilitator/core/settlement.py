@@ -118,3 +118,5 @@ class SettlementIntent:
     fingerprint: bytes
     call_to: str  # contract the settlement transaction calls
     calldata: bytes
+    transfer_method: str = "eip3009"  # or "permit2"
+    cap_amount: int | None = None  # upto: the permitted maximum

@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
 
 from facilitator.adapters.logging import request_id_var
+from facilitator.adapters.jobs import JOB_PREFIX
 from facilitator.adapters.metrics import Metrics
 from facilitator.protocol.fields import BadRequest
 from facilitator.services.facilitator import FacilitatorService
@@ -33,6 +34,19 @@ SERVICE_KEY: web.AppKey[FacilitatorService] = web.AppKey("service", FacilitatorS
 METRICS_KEY: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 READINESS_KEY: web.AppKey[Callable[[], Awaitable[dict[str, Any]]]] = web.AppKey("readiness")
 STATUS_KEY: web.AppKey[Callable[[str], Awaitable[dict[str, Any] | None]]] = web.AppKey("status")
+JOBS_KEY: web.AppKey[AsyncSettlement] = web.AppKey("jobs")
+
+
+class AsyncSettlement(Protocol):
+    """Asynchronous /settle (OpenGradient's facilitator API): 202 with a job, polled later."""
+
+    def wanted(self, request: web.Request, body: Any) -> bool: ...
+
+    async def enqueue(self, body: Any) -> dict[str, Any]: ...
+
+    async def job(self, job_id: str) -> dict[str, Any] | None: ...
+
+    async def usage(self, days: int) -> dict[str, Any]: ...
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -59,6 +73,8 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         raise
     except Exception:  # noqa: BLE001 - the last line of defence: log it, answer opaquely
         log.exception("unhandled error on %s %s", request.method, request.path)
+        if _started_streaming(request):
+            raise  # a second response inside a chunked body would corrupt it; abort instead
         response = json_response({"error": "internal_error", "requestId": request_id}, 500)
     finally:
         route = request.match_info.route.resource
@@ -68,6 +84,12 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         request_id_var.reset(token)
     response.headers["X-Request-Id"] = request_id
     return response
+
+
+def _started_streaming(request: web.Request) -> bool:
+    """Has a (streamed) response already put bytes on the wire for this request?"""
+    writer = getattr(request, "_payload_writer", None)
+    return getattr(writer, "output_size", 0) > 0
 
 
 async def _read_json(request: web.Request) -> Any:
@@ -96,8 +118,12 @@ async def verify(request: web.Request) -> web.Response:
 
 
 async def settle(request: web.Request) -> web.Response:
+    jobs = request.app[JOBS_KEY]
     try:
         body = await _read_json(request)
+        if jobs.wanted(request, body):
+            request.app[SERVICE_KEY].validate_settle(body)
+            return json_response({"paymentJob": await jobs.enqueue(body)}, 202)
         answer = await request.app[SERVICE_KEY].settle(body, request_id_var.get())
     except BadRequest as exc:
         return bad_request(exc.field, exc.message)
@@ -106,6 +132,8 @@ async def settle(request: web.Request) -> web.Response:
 
 async def settlement_status(request: web.Request) -> web.Response:
     key = request.match_info["key"]
+    if key.startswith(JOB_PREFIX):
+        return await _job_status(request, key)
     if not _is_settlement_key(key):
         return bad_request("id", "must be a settlement id (uuid) or a transaction hash (0x + 64 hex)")
     found = await request.app[STATUS_KEY](key)
@@ -114,14 +142,36 @@ async def settlement_status(request: web.Request) -> web.Response:
     return json_response(found)
 
 
+async def _job_status(request: web.Request, key: str) -> web.Response:
+    if not _is_uuid(key.removeprefix(JOB_PREFIX)):
+        return bad_request("jobId", "must be payment-<uuid>")
+    found = await request.app[JOBS_KEY].job(key)
+    if found is None:
+        return json_response({"error": "not_found", "message": f"no job {key}"}, 404)
+    return json_response(found)
+
+
+async def usage(request: web.Request) -> web.Response:
+    raw = request.query.get("days", "7")
+    if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= 366:
+        return bad_request("days", "must be an integer from 1 to 366")
+    return json_response(await request.app[JOBS_KEY].usage(int(raw)))
+
+
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
+                   re.ASCII)
+
+
+def _is_uuid(text: str) -> bool:
+    """Strictly 8-4-4-4-12 hex (uuid.UUID also takes braces and urn: prefixes the database
+    refuses)."""
+    return _UUID.fullmatch(text) is not None
+
+
 def _is_settlement_key(key: str) -> bool:
     if key.startswith("0x"):
         return len(key) == 66 and all(c in "0123456789abcdefABCDEF" for c in key[2:])
-    try:
-        uuid.UUID(key)
-    except ValueError:
-        return False
-    return True
+    return _is_uuid(key)
 
 
 async def supported(request: web.Request) -> web.Response:
@@ -145,12 +195,14 @@ async def metrics(request: web.Request) -> web.Response:
 
 def build_http_app(service: FacilitatorService, metrics_: Metrics,
                    readiness: Callable[[], Awaitable[dict[str, Any]]],
-                   status: Callable[[str], Awaitable[dict[str, Any] | None]]) -> web.Application:
+                   status: Callable[[str], Awaitable[dict[str, Any] | None]],
+                   jobs: AsyncSettlement) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[request_context])
     app[SERVICE_KEY] = service
     app[METRICS_KEY] = metrics_
     app[READINESS_KEY] = readiness
     app[STATUS_KEY] = status
+    app[JOBS_KEY] = jobs
     app.router.add_post("/verify", verify)
     app.router.add_post("/settle", settle)
     app.router.add_get("/settle/{key}", settlement_status)
@@ -158,4 +210,5 @@ def build_http_app(service: FacilitatorService, metrics_: Metrics,
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/usage", usage)
     return app

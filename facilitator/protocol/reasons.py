@@ -60,6 +60,12 @@ class Reason(StrEnum):
     PERMIT2_ALLOWANCE_REQUIRED = "permit2_allowance_required"
     PERMIT2_INSUFFICIENT_BALANCE = "permit2_insufficient_balance"
     PERMIT2_INVALID_PAYLOAD_FORMAT = "invalid_permit2_payload_format"
+    PERMIT2_INVALID_NONCE = "permit2_invalid_nonce"
+    PERMIT2_INVALID_AMOUNT = "permit2_invalid_amount"
+    PERMIT2_INVALID_DESTINATION = "permit2_invalid_destination"
+    PERMIT2_INVALID_OWNER = "permit2_invalid_owner"
+    PERMIT2_PAYMENT_TOO_EARLY = "permit2_payment_too_early"
+    PERMIT2_2612_AMOUNT_MISMATCH = "permit2_2612_amount_mismatch"
     UNSUPPORTED_PAYLOAD_TYPE = "unsupported_payload_type"
 
     # upto (SDK `mechanisms/evm/constants.py`, upto section).

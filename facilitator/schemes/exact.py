@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from facilitator.core import abi
@@ -41,26 +40,17 @@ from facilitator.protocol.messages import PaymentRequest
 from facilitator.protocol.networks import Network
 from facilitator.protocol.reasons import Reason
 from facilitator.ports import Chain, RpcError
+from facilitator.schemes.common import (
+    AssetCodeCache,
+    CallBatch,
+    ChainApproval,
+    Checked,
+    eth_call,
+    no_code,
+    normalised_v,
+    returns_magic,
+)
 
-ASSET_CODE_TTL_S = 900.0
-ASSET_CODE_CACHE_MAX = 4096
-GAS_HEADROOM = 1.25  # estimate * headroom: EIP-3009 gas varies with storage state
-
-
-@dataclass(frozen=True, slots=True)
-class Checked:
-    """A payment that passed every off-chain check."""
-
-    intent: SettlementIntent
-    digest: bytes
-    signature_check: SignatureCheck
-    payer: str  # checksummed, for responses
-    domain: tuple[str, str]  # the EIP-712 (name, version) the payer signed under
-
-
-@dataclass(frozen=True, slots=True)
-class ChainApproval:
-    gas_estimate: int | None  # set for settlement checks
 
 
 def fingerprint(chain_id: int, asset: str, payment: Eip3009Payload) -> bytes:
@@ -76,6 +66,8 @@ def fingerprint(chain_id: int, asset: str, payment: Eip3009Payload) -> bytes:
 
 class ExactEip3009Scheme:
     scheme = "exact"
+    failure_reason = Reason.TRANSACTION_FAILED
+    reports_amount = False
 
     def __init__(self, *, network: Network, chain: Chain, facilitator_address: str,
                  clock: Callable[[], float] = time.time) -> None:
@@ -83,9 +75,10 @@ class ExactEip3009Scheme:
         self._chain = chain
         self._facilitator = facilitator_address
         self._clock = clock
-        self._asset_code_seen: dict[str, float] = {}
+        self._asset_code = AssetCodeCache(clock)
 
-    def check_offchain(self, request: PaymentRequest) -> Rejection | Checked:
+    def check_offchain(self, request: PaymentRequest, *, for_settle: bool = False
+                       ) -> Rejection | Checked:
         """Pure checks and ECDSA. Raises `BadRequest` for a malformed payload."""
         payment = parse_eip3009_payload(request.payload)
         ctx = ExactContext(request=request, payment=payment, chain_id=self.network.chain_id,
@@ -118,9 +111,8 @@ class ExactEip3009Scheme:
 
     async def check_onchain(self, checked: Checked, *, for_settle: bool) -> Rejection | ChainApproval:
         """One batched round trip. Raises `RpcUnavailable` when the chain cannot be reached."""
-        calls, slots = self._onchain_calls(checked, for_settle)
-        results = await self._chain.request_many(calls)
-        answer = dict(zip(slots, results, strict=True))
+        batch = self._onchain_calls(checked, for_settle)
+        answer = batch.answers(await self._chain.request_many(batch.calls))
         verdict = (self._judge_signature(checked, answer) or self._judge_asset(checked, answer)
                    or self._judge_authorization(answer) or self._judge_balance(checked, answer))
         if verdict is not None:
@@ -131,43 +123,35 @@ class ExactEip3009Scheme:
         gas = int(transfer, 16) if for_settle else None
         return ChainApproval(gas_estimate=gas)
 
-    def _onchain_calls(self, checked: Checked, for_settle: bool
-                       ) -> tuple[list[tuple[str, list[Any]]], list[str]]:
+    def _onchain_calls(self, checked: Checked, for_settle: bool) -> CallBatch:
         intent = checked.intent
-        calls: list[tuple[str, list[Any]]] = []
-        slots: list[str] = []
-
-        def add(slot: str, method: str, params: list[Any]) -> None:
-            slots.append(slot)
-            calls.append((method, params))
-
+        batch = CallBatch()
         if checked.signature_check is SignatureCheck.NEEDS_CONTRACT_CHECK:
-            add("payer_code", "eth_getCode", [intent.payer, "latest"])
-            add("erc1271", "eth_call", [_call(intent.payer, abi.is_valid_signature(
-                checked.digest, _normalised_v(intent.signature))), "latest"])
-        if not self._asset_code_known(intent.asset):
-            add("asset_code", "eth_getCode", [intent.asset, "latest"])
-        add("auth_state", "eth_call",
-            [_call(intent.asset, abi.authorization_state(intent.payer, intent.nonce)), "latest"])
-        add("balance", "eth_call", [_call(intent.asset, abi.balance_of(intent.payer)), "latest"])
-        transfer = _call(intent.asset, intent.calldata, sender=self._facilitator)
-        if for_settle:
-            add("transfer", "eth_estimateGas", [transfer, "latest"])
-        else:
-            add("transfer", "eth_call", [transfer, "latest"])
-        return calls, slots
+            batch.add("payer_code", "eth_getCode", [intent.payer, "latest"])
+            batch.add("erc1271", "eth_call", [eth_call(intent.payer, abi.is_valid_signature(
+                checked.digest, normalised_v(intent.signature))), "latest"])
+        if not self._asset_code.known(intent.asset):
+            batch.add("asset_code", "eth_getCode", [intent.asset, "latest"])
+        batch.add("auth_state", "eth_call", [eth_call(
+            intent.asset, abi.authorization_state(intent.payer, intent.nonce)), "latest"])
+        batch.add("balance", "eth_call",
+                  [eth_call(intent.asset, abi.balance_of(intent.payer)), "latest"])
+        transfer = eth_call(intent.asset, intent.calldata, sender=self._facilitator)
+        batch.add("transfer", "eth_estimateGas" if for_settle else "eth_call",
+                  [transfer, "latest"])
+        return batch
 
     @staticmethod
     def _judge_signature(checked: Checked, answer: dict[str, Any]) -> Rejection | None:
         if "payer_code" not in answer:
             return None
         code, verdict = answer["payer_code"], answer["erc1271"]
-        if isinstance(code, RpcError) or code in ("0x", "0x0", None):
+        if no_code(code):
             if len(checked.intent.signature) != 65:  # the SDK: a wallet that is not deployed
                 return Rejection(Reason.UNDEPLOYED_SMART_WALLET,
                                  "payer has no code and the signature is not an EOA signature")
             return Rejection(Reason.INVALID_SIGNATURE, "signature does not recover to the payer")
-        if isinstance(verdict, RpcError) or not _returns_magic(verdict):
+        if not returns_magic(verdict):
             return Rejection(Reason.INVALID_SIGNATURE,
                              "payer contract's isValidSignature rejected the signature")
         return None
@@ -175,11 +159,10 @@ class ExactEip3009Scheme:
     def _judge_asset(self, checked: Checked, answer: dict[str, Any]) -> Rejection | None:
         if "asset_code" not in answer:
             return None
-        code = answer["asset_code"]
-        if isinstance(code, RpcError) or code in ("0x", "0x0", None):
+        if no_code(answer["asset_code"]):
             return Rejection(Reason.ASSET_NOT_DEPLOYED,
                              f"no contract at asset {to_checksum(checked.intent.asset)}")
-        self._remember_asset_code(checked.intent.asset)
+        self._asset_code.remember(checked.intent.asset)
         return None
 
     @staticmethod
@@ -215,36 +198,9 @@ class ExactEip3009Scheme:
         """Name/version diagnosis for an unexplained revert (second round trip, rare path)."""
         asset = checked.intent.asset
         name, version = await self._chain.request_many([
-            ("eth_call", [_call(asset, abi.NAME), "latest"]),
-            ("eth_call", [_call(asset, abi.VERSION), "latest"])])
+            ("eth_call", [eth_call(asset, abi.NAME), "latest"]),
+            ("eth_call", [eth_call(asset, abi.VERSION), "latest"])])
         return _domain_mismatch(name, version, checked.domain)
-
-    def _asset_code_known(self, asset: str) -> bool:
-        seen = self._asset_code_seen.get(asset)
-        return seen is not None and self._clock() - seen < ASSET_CODE_TTL_S
-
-    def _remember_asset_code(self, asset: str) -> None:
-        if len(self._asset_code_seen) >= ASSET_CODE_CACHE_MAX:
-            self._asset_code_seen.clear()
-        self._asset_code_seen[asset] = self._clock()
-
-
-def _call(to: str, data: bytes, sender: str | None = None) -> dict[str, str]:
-    call = {"to": to, "data": "0x" + data.hex()}
-    if sender is not None:
-        call["from"] = sender
-    return call
-
-
-def _normalised_v(signature: bytes) -> bytes:
-    """65-byte signatures with v in {0, 1} as the token passes them on: v in {27, 28}."""
-    if len(signature) == 65 and signature[64] < 27:
-        return signature[:64] + bytes([signature[64] + 27])
-    return signature
-
-
-def _returns_magic(result: Any) -> bool:
-    return isinstance(result, str) and result[2:10].lower() == abi.ERC1271_MAGIC.hex()
 
 
 def _domain_mismatch(name: Any, version: Any, expected: tuple[str, str]) -> Reason | None:

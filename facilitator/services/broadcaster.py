@@ -82,6 +82,7 @@ class Broadcaster:
         self._policy = policy
         self._queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=policy.queue_max)
         self._next_nonce: int | None = None
+        self._balance_read_at = float("-inf")
         self.on_sent: Callable[[Job, SignedTx, bool], None] = lambda job, tx, known: None
         self.reserved_wei: Callable[[], int] = lambda: 0
 
@@ -95,6 +96,18 @@ class Broadcaster:
             "eth_getTransactionCount", [self.address, "pending"]), 16)
         stored = await self._store.max_signer_nonce(self.network.chain_id, self.address)
         self._next_nonce = max(chain_nonce, (stored + 1) if stored is not None else 0)
+        await self.refresh_balance()
+
+    async def refresh_balance(self, min_interval_s: float = 0.0) -> None:
+        """The signer balance gauge, also when no settlement is being sent (idle signers must
+        still page someone when they run dry)."""
+        now = time.monotonic()
+        if now - self._balance_read_at < min_interval_s:
+            return
+        self._balance_read_at = now
+        balance = await self._chain.request("eth_getBalance", [self.address, "latest"])
+        self._metrics.signer_balance_wei.labels(self.network.key, self.key.address).set(
+            int(balance, 16))
 
     def submit(self, job: Job) -> None:
         try:
@@ -227,6 +240,7 @@ class Broadcaster:
                 else:
                     await self._resign(job, "nonce_taken")
                 continue
+            self._metrics.settlement_failures.labels(self.network.key, "send_rejected").inc()
             await self._fail(job, Reason.UNEXPECTED_SETTLE_ERROR,
                              f"node refused the settlement transaction: {error.message[:200]}")
             if tx.fields.nonce < highest_sent:
@@ -253,6 +267,7 @@ class Broadcaster:
         """The node proved these bytes can never be mined: same authorization, new transaction."""
         self._metrics.signer_nonce_resets.labels(self.network.key, cause).inc()
         if job.resigns >= MAX_RESIGNS or not await self._store.mark_needs_resign(job.row.id):
+            self._metrics.settlement_failures.labels(self.network.key, "send_rejected").inc()
             await self._fail(job, Reason.UNEXPECTED_SETTLE_ERROR,
                              "settlement transaction could not be placed after re-signing")
             return
@@ -284,6 +299,7 @@ class Broadcaster:
         for job in batch:
             current = await _safe_get(self._store, job.row.id)
             if current is not None and current.state == "pending":
+                self._metrics.settlement_failures.labels(self.network.key, "internal_error").inc()
                 await self._fail(job, Reason.UNEXPECTED_SETTLE_ERROR, message)
 
 

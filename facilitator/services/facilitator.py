@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -26,24 +27,31 @@ from facilitator.protocol.messages import PaymentRequest, UnsupportedVersion, pa
 from facilitator.protocol.networks import Network, NetworkRegistry
 from facilitator.protocol.reasons import Reason
 from facilitator.protocol.responses import SettleResponse, VerifyResponse
-from facilitator.schemes.exact import Checked, ExactEip3009Scheme
+from facilitator.adapters.sessions import SessionStore
+from facilitator.protocol import fields as f
+from facilitator.protocol.permit2 import parse_usage_metadata
+from facilitator.schemes.common import Checked, Scheme
 from facilitator.services.recorder import VerificationRecorder
 from facilitator.services.settler import Settler
 
 log = logging.getLogger("facilitator.service")
 
+SCHEMES = ("exact", "upto")
+
 
 @dataclass(frozen=True, slots=True)
 class NetworkServices:
     network: Network
-    exact: ExactEip3009Scheme
+    schemes: Mapping[str, Scheme]  # "exact", "upto"
     settler: Settler
+    sessions: SessionStore
 
 
 @dataclass(frozen=True, slots=True)
 class _Routed:
     request: PaymentRequest
     services: NetworkServices
+    scheme: Scheme
 
 
 class FacilitatorService:
@@ -58,12 +66,19 @@ class FacilitatorService:
     # -- /supported ---------------------------------------------------------------------------
 
     def supported(self) -> dict[str, Any]:
+        """v2 kinds first, then v1 (as the SDK lists them). `upto` is v2-only and carries the
+        address the client must bind in its Permit2 witness."""
         kinds: list[dict[str, Any]] = []
-        for version in (2, 1):
-            for svc in self._services.values():
-                wire = svc.network.caip2 if version == 2 else svc.network.v1_name
-                if wire is not None:
-                    kinds.append({"x402Version": version, "scheme": "exact", "network": wire})
+        for svc in self._services.values():
+            for name in svc.schemes:
+                kind: dict[str, Any] = {"x402Version": 2, "scheme": name,
+                                        "network": svc.network.caip2}
+                if name == "upto":
+                    kind["extra"] = {"facilitatorAddress": self.signer_address}
+                kinds.append(kind)
+        for svc in self._services.values():
+            if svc.network.v1_name is not None and "exact" in svc.schemes:
+                kinds.append({"x402Version": 1, "scheme": "exact", "network": svc.network.v1_name})
         return {"kinds": kinds, "extensions": [], "signers": {"eip155:*": [self.signer_address]}}
 
     # -- /verify ------------------------------------------------------------------------------
@@ -77,8 +92,10 @@ class FacilitatorService:
                                response.invalid_reason)
             self._count_verify(request, None, response, started)
             return response
-        checked = routed.services.exact.check_offchain(routed.request)
+        checked = routed.scheme.check_offchain(routed.request)
         response = await self._verify_checked(routed, checked)
+        if response.is_valid and isinstance(checked, Checked) and routed.scheme.scheme == "upto":
+            await routed.services.sessions.record_verified(checked.intent, self.signer_address)
         intent = checked.intent if isinstance(checked, Checked) else None
         await self._record("verify", request_id, routed.request, intent, response.is_valid,
                            response.invalid_reason)
@@ -94,7 +111,7 @@ class FacilitatorService:
             return VerifyResponse(False, Reason.NONCE_ALREADY_USED,
                                   "this authorization is being settled", checked.payer)
         try:
-            verdict = await routed.services.exact.check_onchain(checked, for_settle=False)
+            verdict = await routed.scheme.check_onchain(checked, for_settle=False)
         except RpcUnavailable as exc:
             log.warning("verify: chain unavailable: %s", exc)
             return VerifyResponse(False, Reason.UNEXPECTED_VERIFY_ERROR,
@@ -116,15 +133,18 @@ class FacilitatorService:
             await self._record("settle", request_id, request, None, False, response.error_reason)
             self._count_settle(request, None, response, started)
             return response
-        checked = routed.services.exact.check_offchain(routed.request)
+        usage = parse_usage_metadata(body.get("usageMetadata"))
+        checked = routed.scheme.check_offchain(routed.request, for_settle=True)
         wire = routed.request.network
         if isinstance(checked, Rejection):
-            response = SettleResponse(False, network=wire, error_reason=checked.reason,
-                                      error_message=checked.message,
-                                      payer=_payer_of(routed.request))
+            response = SettleResponse(
+                False, network=wire, error_reason=checked.reason, error_message=checked.message,
+                payer=_payer_of(routed.request),
+                amount=str(routed.request.requirements.amount)
+                if routed.scheme.reports_amount else None)
             intent = None
         else:
-            response = await routed.services.settler.settle(checked, wire)
+            response = await routed.services.settler.settle(routed.scheme, checked, wire, usage)
             intent = checked.intent
         await self._record("settle", request_id, routed.request, intent, response.success,
                            response.error_reason)
@@ -141,25 +161,37 @@ class FacilitatorService:
                                    f"x402Version {request.version} is not supported"), None)
         payer = _payer_of(request)
         unsupported = next((s for s in (request.scheme, request.requirements.scheme)
-                            if s != "exact"), None)
-        if unsupported is not None:
-            return (VerifyResponse(False, Reason.UNSUPPORTED_SCHEME,
-                                   f"scheme {unsupported!r} is not supported", payer), request)
+                            if s not in SCHEMES), None)
+        if unsupported is None and request.version == 1 and request.scheme != "exact":
+            unsupported = request.scheme  # upto exists only in x402 v2
+        if unsupported is not None or request.scheme != request.requirements.scheme:
+            return (VerifyResponse(False, Reason.UNSUPPORTED_SCHEME, f"scheme "
+                                   f"{unsupported or request.requirements.scheme!r} is not "
+                                   "supported here", payer), request)
         if request.network != request.requirements.network:
             return (VerifyResponse(False, Reason.NETWORK_MISMATCH,
                                    f"paid on {request.network}, required "
                                    f"{request.requirements.network}", payer), request)
         network = self._registry.resolve(request.version, request.requirements.network)
         services = self._services.get(network.key) if network else None
-        if services is None:
-            return (VerifyResponse(False, Reason.FAILED_TO_GET_NETWORK_CONFIG,
-                                   f"network {request.requirements.network!r} is not served by "
-                                   "this facilitator", payer), request)
-        if is_permit2_payload(request.payload):
+        scheme = services.schemes.get(request.scheme) if services else None
+        if services is None or scheme is None:
+            reason = Reason.UPTO_FAILED_TO_GET_NETWORK_CONFIG if request.scheme == "upto" \
+                else Reason.FAILED_TO_GET_NETWORK_CONFIG
+            return (VerifyResponse(False, reason, f"network {request.requirements.network!r} is "
+                                   "not served by this facilitator", payer), request)
+        if is_permit2_payload(request.payload) != (request.scheme == "upto"):
             return (VerifyResponse(False, Reason.UNSUPPORTED_PAYLOAD_TYPE,
-                                   "Permit2 payloads are not accepted for this asset",
-                                   payer), request)
-        return _Routed(request, services)
+                                   f"this payload shape is not accepted for scheme "
+                                   f"{request.scheme!r}", payer), request)
+        return _Routed(request, services, scheme)
+
+    def validate_settle(self, body: Any) -> None:
+        """Everything /settle would refuse with HTTP 400, checked before a job is queued."""
+        routed = self._route(body)
+        parse_usage_metadata(f.require_object(body, "body").get("usageMetadata"))
+        if not isinstance(routed, tuple):
+            routed.scheme.check_offchain(routed.request, for_settle=True)
 
     # -- bookkeeping --------------------------------------------------------------------------
 
@@ -198,7 +230,7 @@ class FacilitatorService:
 
 
 def _labels(request: PaymentRequest | None, network: Network | None) -> tuple[str, str]:
-    scheme = request.scheme if request is not None and request.scheme == "exact" else "other"
+    scheme = request.scheme if request is not None and request.scheme in SCHEMES else "other"
     return scheme, network.key if network is not None else "unknown"
 
 
@@ -211,8 +243,8 @@ def _wire_network(request: PaymentRequest | None) -> str:
 
 
 def _payer_of(request: PaymentRequest) -> str | None:
-    """The payer named in an EIP-3009 payload, if it parses (for `payer` in invalid answers)."""
-    auth = request.payload.get("authorization")
+    """The payer named in the payload, if it parses (for `payer` in invalid answers)."""
+    auth = request.payload.get("authorization") or request.payload.get("permit2Authorization")
     if isinstance(auth, dict):
         try:
             return to_checksum(address(auth.get("from"), "from"))

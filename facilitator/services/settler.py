@@ -37,9 +37,12 @@ from facilitator.core.settlement import (
 from facilitator.adapters.signer import SignedTx
 from facilitator.core.receipts import ExpectedTransfer
 from facilitator.ports import Chain, RpcError, RpcUnavailable
+from facilitator.protocol.networks import Network
 from facilitator.protocol.reasons import Reason
 from facilitator.protocol.responses import SettleResponse
-from facilitator.schemes.exact import ChainApproval, Checked, ExactEip3009Scheme
+from facilitator.adapters.sessions import SessionStore
+from facilitator.protocol.permit2 import UsageMetadata
+from facilitator.schemes.common import ChainApproval, Checked, Scheme
 from facilitator.services.broadcaster import Broadcaster, Job, Overloaded
 from facilitator.services.outcomes import OutcomeBoard, wait_outcome
 from facilitator.services.tracker import InFlight, Tracker, find_external_settlement
@@ -63,12 +66,12 @@ class SettlePolicy:
 
 
 class Settler:
-    def __init__(self, *, scheme: ExactEip3009Scheme, chain: Chain, store: Store,
+    def __init__(self, *, network: Network, chain: Chain, store: Store, sessions: SessionStore,
                  board: OutcomeBoard, broadcaster: Broadcaster, tracker: Tracker,
                  metrics: Metrics, policy: SettlePolicy) -> None:
-        self.scheme = scheme
-        self.network = scheme.network
+        self.network = network
         self._chain = chain
+        self._sessions = sessions
         self._store = store
         self._board = board
         self._broadcaster = broadcaster
@@ -80,15 +83,35 @@ class Settler:
         tracker.resign = self._resign
         tracker.fill_nonce = broadcaster.fill_nonce
 
-    async def settle(self, checked: Checked, wire_network: str) -> SettleResponse:
+    async def settle(self, scheme: Scheme, checked: Checked, wire_network: str,
+                     usage: UsageMetadata | None = None) -> SettleResponse:
         started = time.monotonic()
-        claim = await self._store.claim(checked.intent)
+        intent = checked.intent
+        if intent.transfer_method == "permit2" and intent.amount == 0:
+            return await self._settle_nothing(checked, wire_network, usage)
+        claim = await self._store.claim(intent)
         row: SettlementRow | SettleResponse = claim.row
         if not claim.created:
             row = await self._continue_existing(claim.row, checked, wire_network)
             if isinstance(row, SettleResponse):
                 return row
-        return await self._settle_claimed(row, checked, wire_network, started)
+        await self._record_usage(row, checked, usage)
+        return await self._settle_claimed(row, scheme, checked, wire_network, started)
+
+    async def _settle_nothing(self, checked: Checked, wire_network: str,
+                              usage: UsageMetadata | None) -> SettleResponse:
+        """An upto session that used nothing settles without a transaction (amount "0")."""
+        await self._sessions.record_settled(checked.intent, self._broadcaster.address, None, usage)
+        return SettleResponse(success=True, network=wire_network, transaction="",
+                              payer=checked.payer, amount="0")
+
+    async def _record_usage(self, row: SettlementRow, checked: Checked,
+                            usage: UsageMetadata | None) -> None:
+        if checked.intent.transfer_method == "permit2":
+            await self._sessions.record_settled(checked.intent, self._broadcaster.address,
+                                                row.id, usage)
+        if usage is not None:
+            await self._sessions.record_usage(row.id, usage)
 
     async def _continue_existing(self, row: SettlementRow, checked: Checked, wire_network: str
                                  ) -> SettlementRow | SettleResponse:
@@ -109,10 +132,10 @@ class Settler:
             return await self._wait_for_existing(row, wire_network, checked.payer)
         return await self._answer_from_row(row, wire_network, checked.payer)
 
-    async def _settle_claimed(self, row: SettlementRow, checked: Checked, wire_network: str,
-                              started: float) -> SettleResponse:
+    async def _settle_claimed(self, row: SettlementRow, scheme: Scheme, checked: Checked,
+                              wire_network: str, started: float) -> SettleResponse:
         try:
-            approval = await self.scheme.check_onchain(checked, for_settle=True)
+            approval = await scheme.check_onchain(checked, for_settle=True)
         except RpcUnavailable as exc:
             self._count_failure("rpc_error")
             return await self._refuse(row, checked, wire_network, Rejection(
@@ -156,7 +179,7 @@ class Settler:
                       rejection: Rejection) -> SettleResponse:
         """Pre-broadcast rejection. A nonce consumed on chain may mean the payment was settled by
         someone else's transaction: that is recorded as an external settlement, not a failure."""
-        if rejection.reason is Reason.NONCE_ALREADY_USED:
+        if rejection.reason is Reason.NONCE_ALREADY_USED and row.transfer_method == "eip3009":
             external = await self._external_settlement(row)
             if external is not None:
                 self._count_failure("front_run")
@@ -166,7 +189,8 @@ class Settler:
         await self._store.mark_failed(row.id, str(rejection.reason), rejection.message)
         return SettleResponse(success=False, network=wire_network, error_reason=rejection.reason,
                               error_message=rejection.message, payer=checked.payer,
-                              extensions=_extensions(row.public_id, State.FAILED))
+                              amount=_amount(row), extensions=_extensions(row.public_id,
+                                                                          State.FAILED))
 
     async def _external_settlement(self, row: SettlementRow) -> Settled | None:
         head = int(await self._chain.request("eth_blockNumber", []), 16)
@@ -201,7 +225,7 @@ class Settler:
         if isinstance(outcome, Settled):
             return await self._success(row, "0x" + outcome.tx_hash.hex(), wire_network, payer)
         return SettleResponse(success=False, network=wire_network, error_reason=outcome.reason,
-                              error_message=outcome.message, payer=payer,
+                              error_message=outcome.message, payer=payer, amount=_amount(row),
                               transaction="0x" + outcome.tx_hash.hex() if outcome.tx_hash else "",
                               extensions=_extensions(row.public_id, row.state))
 
@@ -216,10 +240,11 @@ class Settler:
                 return SettleResponse(
                     success=False, network=wire_network, error_reason=Reason.NONCE_ALREADY_USED,
                     error_message="this payment was already settled and its success answered",
-                    transaction=transaction, payer=payer,
+                    transaction=transaction, payer=payer, amount=_amount(row),
                     extensions=_extensions(row.public_id, row.state))
         return SettleResponse(success=True, network=wire_network, transaction=transaction,
-                              payer=payer, extensions=_extensions(row.public_id, row.state))
+                              payer=payer, amount=_amount(row),
+                              extensions=_extensions(row.public_id, row.state))
 
     async def _answer_from_row(self, row: SettlementRow, wire_network: str, payer: str
                                ) -> SettleResponse:
@@ -230,7 +255,7 @@ class Settler:
                 success=False, network=wire_network, error_reason=Reason.SETTLEMENT_PENDING,
                 error_message="settlement broadcast; receipt not yet available, retry the same "
                               "request for the final result", transaction=row.tx_hash_hex,
-                payer=payer, extensions=_extensions(row.public_id, row.state))
+                payer=payer, amount=_amount(row), extensions=_extensions(row.public_id, row.state))
         # A stored failure names the transaction only if one was mined (reverted or expired).
         return _failure(wire_network, payer, _reason(row.reason), row.message or "", row,
                         row.tx_hash_hex if row.block_number is not None else "")
@@ -306,5 +331,10 @@ def _failure(wire_network: str, payer: str, reason: Reason, message: str, row: S
              transaction: str = "") -> SettleResponse:
     return SettleResponse(success=False, network=wire_network, error_reason=reason,
                           error_message=message, payer=payer, transaction=transaction,
-                          extensions=_extensions(row.public_id, row.state))
+                          amount=_amount(row), extensions=_extensions(row.public_id, row.state))
+
+
+def _amount(row: SettlementRow) -> str | None:
+    """upto answers carry the settled amount (the SDK requires it)."""
+    return str(row.amount) if row.transfer_method == "permit2" else None
 

@@ -57,6 +57,11 @@ class InFlight:
     known_to_node: bool  # False while a send got no answer (row still `signed`)
     sent_at: float  # monotonic
     last_seen_at: float
+    permit2: bool = False  # upto/Permit2: no AuthorizationUsed event, other failure reason
+
+    @property
+    def failure_reason(self) -> Reason:
+        return Reason.UPTO_TRANSACTION_FAILED if self.permit2 else Reason.TRANSACTION_FAILED
 
     @property
     def hash_hex(self) -> str:
@@ -75,7 +80,8 @@ class InFlight:
                    expected=ExpectedTransfer(row.asset, row.payer, row.pay_to, row.amount),
                    auth_nonce=row.nonce, valid_before=row.valid_before,
                    known_to_node=known_to_node, sent_at=now,
-                   last_seen_at=float("-inf") if check_now else now)
+                   last_seen_at=float("-inf") if check_now else now,
+                   permit2=row.transfer_method == "permit2")
 
     @classmethod
     def from_signed(cls, row: SettlementRow, tx: SignedTx, *, known_to_node: bool) -> InFlight:
@@ -86,7 +92,8 @@ class InFlight:
                    max_fee_per_gas=tx.fields.max_fee_per_gas,
                    expected=ExpectedTransfer(row.asset, row.payer, row.pay_to, row.amount),
                    auth_nonce=row.nonce, valid_before=row.valid_before,
-                   known_to_node=known_to_node, sent_at=now, last_seen_at=now)
+                   known_to_node=known_to_node, sent_at=now, last_seen_at=now,
+                   permit2=row.transfer_method == "permit2")
 
 
 class Tracker:
@@ -106,6 +113,7 @@ class Tracker:
         self._inflight: dict[int, InFlight] = {}
         self._wake = asyncio.Event()
         self._last_head = -1
+        self.signer = "unknown"  # the signer address, for the in-flight gauge (set by wiring)
         self.resign: Callable[[int], Awaitable[None]] = _noop_resign
         self.fill_nonce: Callable[[int, int], Awaitable[None]] = _noop_fill
 
@@ -135,7 +143,7 @@ class Tracker:
                 log.exception("tracker tick failed on %s", self.network.key)
 
     async def _tick(self, woken: bool) -> None:
-        self._metrics.signer_inflight.labels(self.network.key, "all").set(len(self._inflight))
+        self._metrics.signer_inflight.labels(self.network.key, self.signer).set(len(self._inflight))
         if not self._inflight:
             return
         head = int(await self._chain.request("eth_blockNumber", []), 16)
@@ -190,7 +198,10 @@ class Tracker:
 
     async def _find_external_settlement(self, item: InFlight, receipt: dict[str, Any]
                                         ) -> Inclusion | None:
-        """Did another transaction consume this authorization (front-running)?"""
+        """Did another transaction consume this authorization (front-running)? Only EIP-3009
+        authorizations can be; the upto proxy only accepts its witness's facilitator (us)."""
+        if item.permit2:
+            return None
         found = await find_external_settlement(
             self._chain, item.settlement_id, item.expected, item.auth_nonce,
             exclude_tx=item.hash_hex, from_block=int(receipt["blockNumber"], 16) - self._lookback)
@@ -208,7 +219,7 @@ class Tracker:
                                       "transaction mined after the authorization expired",
                                       expired=True, block_number=mined_in)
         else:
-            await self._finish_failed(item, Reason.TRANSACTION_FAILED,
+            await self._finish_failed(item, item.failure_reason,
                                       "settlement transaction reverted", block_number=mined_in)
 
     def _count_failure(self, cause: str) -> None:
@@ -217,7 +228,7 @@ class Tracker:
     async def _finish_failed(self, item: InFlight, reason: Reason, message: str,
                              *, expired: bool = False, block_number: int | None = None) -> None:
         self._count_failure("expired" if expired else
-                            "reverted" if reason is Reason.TRANSACTION_FAILED else str(reason))
+                            "reverted" if reason is item.failure_reason else str(reason))
         self._inflight.pop(item.settlement_id, None)
         await self._store.mark_failed(item.settlement_id, str(reason), message,
                                       tx_hash=item.tx_hash, expired=expired,

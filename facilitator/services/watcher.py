@@ -64,6 +64,15 @@ class ChainWatcher:
         self._assets = [a.address for a in network.assets]
         # Settlements moved back to `broadcast` by a reorg are handed to the tracker.
         self.on_reorged: Callable[[list[int]], Awaitable[None]] = _ignore
+        # Periodic work of other components that should run while the chain is watched.
+        self.after_step: Callable[[], Awaitable[None]] = _nothing
+
+    async def resume(self) -> bool:
+        """Clear a halt; the next step handles the deep reorg as accepted (confirmed settlements
+        of the abandoned chain go back to broadcast). False when nothing was halted."""
+        resumed = await self._state.resume_accepting_reorg()
+        self._metrics.watcher_halted.labels(self.network.key).set(0)
+        return resumed
 
     async def run(self) -> None:
         while True:
@@ -91,21 +100,25 @@ class ChainWatcher:
         halted = cursor.halted_reason is not None
         self._report_lag(head, cursor.number, halted=halted)
         await self._state.record_chain_head(head)
+        if halted:  # nothing is processed or confirmed until an operator resumes
+            await self._report_unfinished()
+            return True
+        accept = cursor.accept_deep_reorg
         if head <= cursor.number:
             # No new block, but the tip itself may have been replaced (a reorg of the same or
             # lower height): compare our checkpoint with the node's block at that height.
             if not await self._node_has(cursor.number, cursor.hash):
-                await self._handle_reorg(cursor.number, halted=halted)
+                await self._handle_reorg(cursor.number, accept=accept)
                 return False
-            await self._housekeeping(cursor.number, halted=halted)
+            await self._housekeeping(cursor.number)
             return True
         first, last = cursor.number + 1, min(head, cursor.number + self._range)
         blocks = await self._read_blocks(first, last)
         if blocks[0].parent_hash != cursor.hash:
-            await self._handle_reorg(cursor.number, halted=halted)
+            await self._handle_reorg(cursor.number, accept=accept)
             return False
         await self._process(blocks)
-        await self._housekeeping(blocks[-1].number, halted=halted)
+        await self._housekeeping(blocks[-1].number)
         return blocks[-1].number >= head
 
     async def _node_has(self, number: int, block_hash: bytes) -> bool:
@@ -165,17 +178,19 @@ class ChainWatcher:
                 raise ReorgDuringRead() from None  # retried with the smaller range
             raise
 
-    async def _handle_reorg(self, processed: int, *, halted: bool) -> None:
+    async def _handle_reorg(self, processed: int, *, accept: bool) -> None:
+        """Revert to the common ancestor; a deep reorg halts instead, unless an operator has
+        accepted it (`accept`, set by resume)."""
         ancestor = await self._common_ancestor(processed)
         depth = processed - ancestor
         self._metrics.reorg_depth.labels(self.network.key).observe(depth)
         deep = depth > self._policy.max_reorg_depth or await self._state.confirmed_above(ancestor)
-        if deep and not halted:
+        if deep and not accept:
             await self._halt(f"reorg of depth {depth} below block {processed} "
                              f"(maximum {self._policy.max_reorg_depth}, or it undoes "
                              "confirmed settlements)")
             return
-        moved = await self._state.revert_to(ancestor, allow_confirmed=halted)
+        moved = await self._state.revert_to(ancestor, allow_confirmed=accept)
         log.warning("watcher %s: reorg of depth %d, reverted to block %d; %d settlement(s) "
                     "back to broadcast", self.network.key, depth, ancestor, len(moved))
         for _ in moved:
@@ -203,13 +218,13 @@ class ChainWatcher:
                      "(POST /v1/ops/chains/%s/resume)", self.network.key, reason,
                      self.network.key)
 
-    async def _housekeeping(self, processed: int, *, halted: bool) -> None:
-        self._metrics.watcher_halted.labels(self.network.key).set(1 if halted else 0)
-        if not halted:
-            await self._unwind_orphaned()
-            await self._confirm()
+    async def _housekeeping(self, processed: int) -> None:
+        self._metrics.watcher_halted.labels(self.network.key).set(0)
+        await self._unwind_orphaned()
+        await self._confirm()
         await self._report_unfinished()
         await self._state.prune(processed - self._policy.retain_blocks)
+        await self.after_step()
 
     async def _unwind_orphaned(self) -> None:
         """A settlement the tracker saw included in a block that our canonical chain does not
@@ -285,5 +300,9 @@ def _range_too_large(exc: RpcError) -> bool:
 
 
 async def _ignore(settlement_ids: list[int]) -> None:
+    return None
+
+
+async def _nothing() -> None:
     return None
 

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import json
 import math
-import os
 import re
 import shutil
 import subprocess
@@ -29,8 +28,9 @@ import httpx
 import pytest
 from eth_account import Account
 from harness import body_v1, body_v2, pay, requirements, requirements_v1, sign_authorization
+from prometheus_client.utils import floatToGoString
 
-from facilitator.adapters.metrics import Metrics
+from facilitator.adapters.metrics import AGE_BUCKETS, FAILURE_EXTRA_CAUSES, PHASES, Metrics
 from facilitator.devnet.anvil import free_port
 from facilitator.protocol.reasons import Reason
 
@@ -86,7 +86,11 @@ _COMPARISON = re.compile(
 @dataclass(frozen=True)
 class Selector:
     metric: str | None
-    labels: tuple[str, ...]
+    matchers: tuple[tuple[str, str, str], ...]  # (label, operator, value)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(label for label, _, _ in self.matchers)
 
 
 def parse_names(expr: str) -> tuple[list[Selector], set[str]]:
@@ -102,9 +106,9 @@ def parse_names(expr: str) -> tuple[list[Selector], set[str]]:
     blanked = _STRING.sub(lambda m: '"' + "_" * (len(m.group()) - 2) + '"', text)
     spans = []
     for match in re.finditer(r"([a-zA-Z_:][\w:]*)?\s*\{([^}]*)\}", blanked):
-        inner = match.group(2)
-        labels = tuple(re.findall(r"([a-zA-Z_]\w*)\s*(?:=~|!~|!=|=)", inner))
-        selectors.append(Selector(match.group(1), labels))
+        inner = text[match.start(2):match.end(2)]  # blanking keeps every offset
+        matchers = tuple(re.findall(r'([a-zA-Z_]\w*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"', inner))
+        selectors.append(Selector(match.group(1), matchers))
         spans.append(match.span())
     for start, end in reversed(spans):
         blanked = blanked[:start] + " " + blanked[end:]
@@ -137,6 +141,45 @@ def unknown_names(expr: str, known: dict[str, set[str]]) -> list[str]:
         problems += [f"label {label!r} of {sel.metric}" for label in sel.labels
                      if label not in labels]
     problems += [f"grouping label {label!r}" for label in sorted(grouping - used_labels)]
+    return problems
+
+
+def closed_label_values() -> dict[tuple[str, str], set[str]]:
+    """(series name, label) -> every value the service can give that label."""
+    metrics = Metrics(networks=(NETWORK,))
+    causes = {*FAILURE_EXTRA_CAUSES, *(str(r) for r in Reason)}
+    reorg_buckets = {floatToGoString(b) for b in metrics.reorg_depth._upper_bounds}  # noqa: SLF001
+    latency = "facilitator_settlement_latency_seconds"
+    values = {("facilitator_settlement_failures_total", "cause"): causes,
+              ("facilitator_settlements_unfinished", "age"): set(AGE_BUCKETS),
+              ("facilitator_settlements_unfinished", "state"):
+                  {"pending", "signed", "broadcast", "included"},
+              ("facilitator_settlements_confirmed_total", "settled_by"):
+                  {"facilitator", "external"},
+              ("facilitator_settle_requests_total", "result"): {"success", "pending", "failed"},
+              ("facilitator_verify_requests_total", "result"): {"valid", "invalid"},
+              ("facilitator_db_pool_connections", "state"): {"in_use", "idle", "max"},
+              ("facilitator_reorg_depth_blocks_bucket", "le"): reorg_buckets}
+    for suffix in ("_bucket", "_count", "_sum"):
+        values[(latency + suffix, "phase")] = set(PHASES)
+    return values
+
+
+def unknown_label_values(expr: str) -> list[str]:
+    """Literal matcher values (`l="v"`, `l=~"a|b"`) outside a closed label set."""
+    closed = closed_label_values()
+    problems = []
+    for sel in parse_names(expr)[0]:
+        for label, op, value in sel.matchers:
+            allowed = closed.get((sel.metric or "", label))
+            if allowed is None or op not in ("=", "=~", "!="):
+                continue
+            if op == "=~" and not re.fullmatch(r"[\w.+-]+(\|[\w.+-]+)*", value):
+                continue  # a real pattern (e.g. 5..), not a list of values
+            for item in value.split("|") if op == "=~" else [value]:
+                if item not in allowed:
+                    problems.append(f"{sel.metric}{{{label}{op}...}}: {item!r} is not a value "
+                                    f"the service exports")
     return problems
 
 
@@ -230,8 +273,8 @@ def test_dashboards_are_valid_and_every_panel_queries_the_provisioned_datasource
 
 def test_dashboards_reference_only_catalog_metrics_and_labels():
     known = catalog()
-    problems = [f"{q.where}: {problem}  in  {q.expr}"
-                for q in dashboard_queries() for problem in unknown_names(q.expr, known)]
+    problems = [f"{q.where}: {problem}  in  {q.expr}" for q in dashboard_queries()
+                for problem in unknown_names(q.expr, known) + unknown_label_values(q.expr)]
     for where, metric, label in label_values_variables():
         if metric not in known or label not in known[metric]:
             problems.append(f"{where}: label_values({metric}, {label})")
@@ -248,6 +291,10 @@ def test_the_name_checker_catches_typos():
     assert unknown_names("histogram_quantile(0.9, sum by (le) (rate("
                          "facilitator_settle_duration_seconds_bucket[5m])))", known) == []
     assert without_thresholds("max(x) < 5e+16 and y >= 10") == "max(x) and y"
+    assert unknown_label_values('facilitator_settlement_failures_total{cause=~"reverted|revert"}')
+    assert unknown_label_values('facilitator_reorg_depth_blocks_bucket{le="2"}')  # it is "2.0"
+    assert not unknown_label_values('facilitator_settlement_latency_seconds_count'
+                                    '{network=~"$network",phase="end_to_end"}')
 
 
 def test_alert_rules_reference_only_catalog_metrics():
@@ -256,6 +303,8 @@ def test_alert_rules_reference_only_catalog_metrics():
     used = set(re.findall(r"\bfacilitator_[a-z0-9_]+\b", text))
     assert used, "no facilitator metric in the alert rules?"
     assert not used - set(known), f"not in the catalog: {sorted(used - set(known))}"
+    for expr in re.findall(r"\bfacilitator_\w+\{[^}]*\}", text):
+        assert not unknown_label_values(expr), unknown_label_values(expr)
     for alert in ("FacilitatorDown", "SignerBalanceLow", "WatcherLagging",
                   "SettlementFailureRatioHigh", "SettlementsPendingTooLong", "WatcherHalted",
                   "DeepReorg"):
@@ -339,7 +388,7 @@ class Prometheus:
         self.process.terminate()
         try:
             await asyncio.wait_for(self.process.wait(), 10)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.process.kill()
             await self.process.wait()
 
@@ -390,11 +439,23 @@ async def prometheus(facilitator_factory, tmp_path) -> AsyncIterator[tuple[Prome
 
 # -- traffic ------------------------------------------------------------------------------------
 
-async def make_traffic(chain, service) -> None:
+async def make_traffic(chain, service, server: Prometheus) -> None:
     """Real verifies and settlements: valid, invalid, failing, refused and pending ones."""
     pay_to = Account.create().address
-    payers = await asyncio.gather(*(chain.new_payer() for _ in range(8)))
+    payers = await asyncio.gather(*(chain.new_payer() for _ in range(9)))
     broke = Account.create()  # no USDC: the transfer simulation reverts (an RPC node error)
+
+    # Warm-up: a series born between two scrapes shows no rate for what it counted at birth
+    # (the service creates the /verify and /settle series on first use), so let Prometheus see
+    # them once before the bulk of the traffic, as it would under continuous production load.
+    assert (await service.verify(pay(payers[8], pay_to)))["isValid"] is True
+    assert (await service.settle(pay(payers[8], pay_to)))["success"] is True
+
+    async def scraped() -> bool:
+        found = await server.query(
+            '{__name__=~"facilitator_(verify|settle)_duration_seconds_count",scheme="exact"} > 0')
+        return len(found) == 2
+    await poll(scraped, 10, "the first verify and settle to be scraped", server)
 
     # Valid verifies (v2 and v1) and invalid ones for several reasons.
     verifies = [pay(p, pay_to) for p in payers[:4]]
@@ -403,7 +464,8 @@ async def make_traffic(chain, service) -> None:
     verifies.append(pay(payers[0], pay_to, signer=Account.create()))           # bad signature
     verifies.append(pay(broke, pay_to))                                          # no balance
     verifies.append(pay(payers[1], pay_to, valid_before=int(time.time()) - 10))  # expired
-    verifies.append(body_v2(sign_authorization(payers[2], to=pay_to, value=1), requirements(pay_to)))
+    verifies.append(body_v2(sign_authorization(payers[2], to=pay_to, value=1),      # value
+                            requirements(pay_to)))
     answers = await asyncio.gather(*(service.verify(b) for b in verifies))
     assert [a["isValid"] for a in answers] == [True] * 5 + [False] * 4, answers
 
@@ -457,14 +519,15 @@ async def test_every_dashboard_and_alert_expression_returns_data(chain, promethe
                    for t in targets)
     await poll(target_up, 15, "the facilitator target to be up", server)
 
-    await make_traffic(chain, service)
+    await make_traffic(chain, service, server)
 
     groups = (await server.api("rules"))["groups"]
     rules = [rule for group in groups for rule in group["rules"]]
     declared = len(re.findall(r"^\s*- alert: ", ALERT_RULES.read_text(), re.M))
     assert len(rules) == declared, "prometheus loaded a different number of rules"
     known = catalog()
-    names = [f"{r['name']}: {problem}" for r in rules for problem in unknown_names(r["query"], known)]
+    names = [f"{r['name']}: {problem}" for r in rules
+             for problem in unknown_names(r["query"], known) + unknown_label_values(r["query"])]
     assert not names, "\n".join(names)
 
     queries = dashboard_queries() + [Query(f"alert {r['name']}", r["query"]) for r in rules]
@@ -481,7 +544,8 @@ async def test_every_dashboard_and_alert_expression_returns_data(chain, promethe
         lines = [f"  {where}:\n      {without_thresholds(concrete(expr))}"
                  for where, expr in missing.items()]
         raise AssertionError(f"{len(missing)} of {len(queries)} expressions return no data "
-                             "(no series, or only NaN):\n" + "\n".join(lines)) from None
+                             f"(no series, or only NaN) {DATA_TIMEOUT_S:.0f} s after the "
+                             "traffic:\n" + "\n".join(lines)) from None
 
     for where, metric, label in label_values_variables():
         values = await server.api(f"label/{label}/values", **{"match[]": metric})

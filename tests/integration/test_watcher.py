@@ -156,6 +156,48 @@ async def test_reorg_deeper_than_the_maximum_halts_confirmations(
     assert "reorg of depth 3" in cursor["halted_reason"]
 
 
+async def test_operator_resume_accepts_the_deep_reorg_and_confirmations_continue(
+        chain, facilitator_factory, database_url):
+    operator, auditor = "op-" + "x" * 20, "au-" + "y" * 20
+    tokens = f"operator:{_sha(operator)},auditor:{_sha(auditor)}"
+    facilitator = await facilitator_factory(FACILITATOR_CONFIRMATIONS="2",
+                                            FACILITATOR_MAX_REORG_DEPTH="2",
+                                            FACILITATOR_API_TOKENS=tokens, **FAST_WATCHER)
+    payer, pay_to = await chain.new_payer(), Account.create().address
+    answer = await facilitator.settle(pay(payer, pay_to))
+    await chain.mine(4)
+    await _caught_up(facilitator, chain)
+    status = await state_of(facilitator, answer["transaction"])
+    assert status["state"] == "confirmed"
+    depth = await chain.block_number() - status["blockNumber"] + 1
+    await chain.rpc("anvil_reorg", [depth, []])  # undoes the confirmed settlement: halt
+
+    async def halted() -> bool:
+        text = (await facilitator.http.get("/metrics")).text
+        return metric(text, "facilitator_watcher_halted", network="base-sepolia") == 1
+    await wait_until(halted, what="the watcher to halt")
+    path = "/v1/ops/chains/base-sepolia/resume"
+    assert (await facilitator.http.post(path)).status_code == 401
+    denied = await facilitator.http.post(path, headers={"Authorization": f"Bearer {auditor}"})
+    assert denied.status_code == 403
+    resumed = await facilitator.http.post(path, headers={"Authorization": f"Bearer {operator}"})
+    assert resumed.json() == {"network": "base-sepolia", "resumed": True}
+
+    async def confirmed_again() -> bool:
+        await chain.mine(1)
+        status = await state_of(facilitator, answer["transaction"])
+        timeline = [e["to"] for e in status["timeline"]]
+        return timeline[-4:] == ["confirmed", "broadcast", "included", "confirmed"]
+    await wait_until(confirmed_again, what="revert, re-inclusion and confirmation after resume")
+    assert not await halted()
+    assert len(await chain.transfer_logs_to(pay_to)) == 1
+
+
+def _sha(token: str) -> str:
+    import hashlib
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
 async def test_restart_while_blocks_keep_coming_misses_and_repeats_nothing(
         chain, facilitator_factory, database_url):
     signer_key = await chain.new_funded_key()

@@ -45,7 +45,9 @@ def _sdk_reason_strings() -> set[str]:
         for node in ast.walk(tree):
             if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) \
                     and isinstance(node.value.value, str):
-                if any(isinstance(t, ast.Name) and t.id.startswith("ERR_") for t in node.targets):
+                if any(isinstance(t, ast.Name) and (t.id.startswith("ERR_")
+                                                    or t.id in _REASON_KEYWORDS)
+                       for t in node.targets):  # also `error_reason = "..."` in mappers
                     found.add(node.value.value)
             elif isinstance(node, ast.keyword) and node.arg in _REASON_KEYWORDS \
                     and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):

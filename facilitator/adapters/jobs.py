@@ -1,0 +1,102 @@
+"""Asynchronous settle jobs in PostgreSQL (OpenGradient's facilitator API: `POST /settle`
+answers 202 with a job, `GET /settle/{jobId}` reports it).
+
+Guarantees: a job survives restarts; `claim_next` hands a runnable job to exactly one worker
+(`FOR UPDATE SKIP LOCKED`) under a lease, so a worker that died gives its job back when the
+lease ends; a job finishes (succeeded | failed) once and keeps its result. Settling twice is
+impossible anyway — the job re-enters the same idempotent settlement path, whose database row
+is unique per authorization.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+JOB_PREFIX = "payment-"
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    id: str  # uuid
+    status: str
+    queue: str
+    body: dict[str, Any]
+    result: dict[str, Any] | None
+    error: str | None
+    attempts: int
+    created_at: datetime
+    finished_at: datetime | None
+
+    @property
+    def job_id(self) -> str:
+        return JOB_PREFIX + self.id
+
+    @classmethod
+    def from_record(cls, rec: asyncpg.Record) -> Job:
+        return cls(id=str(rec["id"]), status=rec["status"], queue=rec["queue"],
+                   body=json.loads(rec["body"]),
+                   result=json.loads(rec["result"]) if rec["result"] else None,
+                   error=rec["error"], attempts=rec["attempts"], created_at=rec["created_at"],
+                   finished_at=rec["finished_at"])
+
+
+_COLUMNS = "id, status, queue, body, result, error, attempts, created_at, finished_at"
+
+
+class JobStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def enqueue(self, body: dict[str, Any]) -> Job:
+        rec = await self.pool.fetchrow(
+            f"INSERT INTO settle_jobs (status, body) VALUES ('queued', $1::jsonb) "
+            f"RETURNING {_COLUMNS}", json.dumps(body))
+        return Job.from_record(rec)
+
+    async def get(self, job_id: str) -> Job | None:
+        uuid_text = job_id.removeprefix(JOB_PREFIX)
+        rec = await self.pool.fetchrow(
+            f"SELECT {_COLUMNS} FROM settle_jobs WHERE id = $1::uuid", uuid_text)
+        return None if rec is None else Job.from_record(rec)
+
+    async def claim_next(self, lease_s: float) -> Job | None:
+        rec = await self.pool.fetchrow(f"""
+            UPDATE settle_jobs SET status = 'processing', attempts = attempts + 1,
+                started_at = COALESCE(started_at, clock_timestamp()),
+                not_before = clock_timestamp() + make_interval(secs => $1),
+                updated_at = clock_timestamp()
+            WHERE id = (SELECT id FROM settle_jobs
+                        WHERE status IN ('queued', 'processing') AND not_before <= clock_timestamp()
+                        ORDER BY not_before, created_at LIMIT 1 FOR UPDATE SKIP LOCKED)
+            RETURNING {_COLUMNS}""", lease_s)
+        return None if rec is None else Job.from_record(rec)
+
+    async def requeue(self, job_id: str, delay_s: float) -> None:
+        """Not final yet (the settlement is pending): run it again after `delay_s`."""
+        await self.pool.execute("""
+            UPDATE settle_jobs SET status = 'queued',
+                not_before = clock_timestamp() + make_interval(secs => $2),
+                updated_at = clock_timestamp()
+            WHERE id = $1::uuid AND status = 'processing'""", job_id, delay_s)
+
+    async def finish(self, job_id: str, *, succeeded: bool, result: dict[str, Any],
+                     error: str | None) -> bool:
+        status = "succeeded" if succeeded else "failed"
+        done = await self.pool.execute("""
+            UPDATE settle_jobs SET status = $2, result = $3::jsonb, error = $4,
+                finished_at = clock_timestamp(), updated_at = clock_timestamp()
+            WHERE id = $1::uuid AND status = 'processing'""",
+            job_id, status, json.dumps(result), error)
+        return done.endswith(" 1")
+
+    async def release_all(self) -> int:
+        """At start-up (one instance per database): jobs a dead process held run again now."""
+        done = await self.pool.execute("""
+            UPDATE settle_jobs SET status = 'queued', not_before = clock_timestamp(),
+                updated_at = clock_timestamp() WHERE status = 'processing'""")
+        return int(done.split()[-1])

@@ -1,0 +1,96 @@
+"""PostgreSQL records of upto sessions and of the usage resource servers report at settlement.
+
+Guarantees: one session row per (chain, owner, Permit2 nonce), created by the first /verify or
+/settle that sees the permit; usage is stored once per settlement (a replayed /settle does not
+count it twice); all SQL is parameterised.
+"""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import asyncpg
+
+from facilitator.core.settlement import SettlementIntent
+from facilitator.protocol.permit2 import UsageMetadata
+
+
+def _b(hex_value: str) -> bytes:
+    return bytes.fromhex(hex_value[2:])
+
+
+class SessionStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def record_verified(self, intent: SettlementIntent, facilitator: str) -> None:
+        await self.pool.execute("""
+            INSERT INTO upto_sessions (chain_id, payer, nonce, asset, pay_to, facilitator, cap,
+                deadline, valid_after, verified_at, verifications)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, clock_timestamp(), 1)
+            ON CONFLICT (chain_id, payer, nonce) DO UPDATE SET
+                verifications = upto_sessions.verifications + 1,
+                verified_at = COALESCE(upto_sessions.verified_at, clock_timestamp()),
+                updated_at = clock_timestamp()""", *_session_values(intent, facilitator))
+
+    async def record_settled(self, intent: SettlementIntent, facilitator: str,
+                             settlement_id: int | None, usage: UsageMetadata | None) -> None:
+        """The session's settled amount (0 without a transaction) and its usage report."""
+        await self.pool.execute("""
+            INSERT INTO upto_sessions (chain_id, payer, nonce, asset, pay_to, facilitator, cap,
+                deadline, valid_after, settled_amount, settled_at, settlement_id,
+                gateway_session_id, usage)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, clock_timestamp(), $11, $12,
+                    $13::jsonb)
+            ON CONFLICT (chain_id, payer, nonce) DO UPDATE SET
+                settled_amount = $10, settled_at = COALESCE(upto_sessions.settled_at,
+                clock_timestamp()), settlement_id = COALESCE($11, upto_sessions.settlement_id),
+                gateway_session_id = COALESCE($12, upto_sessions.gateway_session_id),
+                usage = COALESCE($13::jsonb, upto_sessions.usage), updated_at = clock_timestamp()
+            """, *_session_values(intent, facilitator), intent.amount, settlement_id,
+            usage.session_id if usage else None,
+            json.dumps(dict(usage.raw)) if usage else None)
+
+    async def record_usage(self, settlement_id: int, usage: UsageMetadata) -> None:
+        await self.pool.execute("""
+            INSERT INTO settlement_usage (settlement_id, session_id, request_count, cost_opg,
+                cost_usd, input_tokens, output_tokens, total_tokens, service, model, raw)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb)
+            ON CONFLICT (settlement_id) DO NOTHING""",
+            settlement_id, usage.session_id, usage.request_count, usage.cost_opg,
+            _decimal(usage.cost_usd), usage.input_tokens, usage.output_tokens,
+            usage.total_tokens, usage.service, usage.model, json.dumps(dict(usage.raw)))
+
+    async def usage_by_day(self, days: int) -> list[dict[str, Any]]:
+        """Per day, service and payTo: requests, cost and tokens of settled payments."""
+        rows = await self.pool.fetch("""
+            SELECT date_trunc('day', u.recorded_at AT TIME ZONE 'UTC')::date AS day,
+                   COALESCE(u.service, 'unknown') AS service, s.pay_to,
+                   count(*) AS settlements, COALESCE(sum(u.request_count), 0) AS requests,
+                   COALESCE(sum(u.cost_opg), 0) AS cost_opg,
+                   COALESCE(sum(u.cost_usd), 0) AS cost_usd,
+                   COALESCE(sum(u.input_tokens), 0) AS input_tokens,
+                   COALESCE(sum(u.output_tokens), 0) AS output_tokens,
+                   COALESCE(sum(u.total_tokens), 0) AS total_tokens
+            FROM settlement_usage u JOIN settlements s ON s.id = u.settlement_id
+            WHERE u.recorded_at >= date_trunc('day', clock_timestamp()) - make_interval(days => $1 - 1)
+              AND s.state IN ('included', 'confirmed')
+            GROUP BY 1, 2, 3 ORDER BY 1 DESC, 2, 3""", days)
+        return [dict(r) for r in rows]
+
+
+def _session_values(intent: SettlementIntent, facilitator: str) -> tuple[Any, ...]:
+    return (intent.chain_id, _b(intent.payer), intent.nonce, _b(intent.asset),
+            _b(intent.pay_to), _b(facilitator), intent.cap_amount, intent.valid_before,
+            intent.valid_after)
+
+
+def _decimal(text: str | None) -> Decimal | None:
+    if text is None:
+        return None
+    try:
+        return Decimal(text)
+    except InvalidOperation:
+        return None
