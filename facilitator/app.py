@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from facilitator.adapters.chainstate import ChainState
+from facilitator.adapters.chainstate import PaymentChainState
 from facilitator.adapters.jsonrpc import JsonRpcClient
 from facilitator.adapters.metrics import Metrics
 from facilitator.adapters.store import Store
@@ -38,6 +38,7 @@ from facilitator.services.outcomes import OutcomeBoard
 from facilitator.services.recorder import VerificationRecorder
 from facilitator.services.settler import SettlePolicy, Settler
 from facilitator.services.tracker import Tracker
+from facilitator.services.payment_logs import PaymentLogs
 from facilitator.services.watcher import ChainWatcher, WatcherPolicy
 
 log = logging.getLogger("facilitator.app")
@@ -216,11 +217,9 @@ def _build_network(ns: NetworkSettings, settings: Settings, store: Store,
                       policy=SettlePolicy(receipt_timeout_s=settings.receipt_timeout_s,
                                           gas_limit_cap=settings.gas_limit_cap,
                                           duplicates=settings.duplicate_settle))
-    watcher = ChainWatcher(
-        network=network, chain=chain, state=ChainState(store.pool, network.chain_id, network.key),
-        metrics=metrics, policy=_watcher_policy(network, settings))
-    watcher.on_reorged = settler.track_again
-    watcher.after_step = lambda: broadcaster.refresh_balance(min_interval_s=10.0)
+    watcher, payment_logs = _payment_watcher(network, chain, store, metrics, settings)
+    payment_logs.on_reorged = settler.track_again
+    payment_logs.after_step = lambda: broadcaster.refresh_balance(min_interval_s=10.0)
     return _NetworkRuntime(ns, chain, broadcaster, tracker, settler, schemes, watcher)
 
 
@@ -238,10 +237,7 @@ async def run_watchers(settings: Settings, stop: asyncio.Event) -> None:
                                   metrics=metrics, timeout_s=settings.rpc_timeout_s)
             await chain.start()
             chains.append(chain)
-            watcher = ChainWatcher(network=ns.network, chain=chain,
-                                   state=ChainState(store.pool, ns.network.chain_id,
-                                                    ns.network.key),
-                                   metrics=metrics, policy=_watcher_policy(ns.network, settings))
+            watcher, _ = _payment_watcher(ns.network, chain, store, metrics, settings)
             tasks.append(asyncio.get_running_loop().create_task(watcher.run()))
         log.info("watching %s", ", ".join(ns.network.key for ns in settings.networks))
         await stop.wait()
@@ -252,6 +248,16 @@ async def run_watchers(settings: Settings, stop: asyncio.Event) -> None:
         for chain in chains:
             await chain.close()
         await store.close()
+
+
+def _payment_watcher(network: Network, chain: JsonRpcClient, store: Store, metrics: Metrics,
+                     settings: Settings) -> tuple[ChainWatcher, PaymentLogs]:
+    state = PaymentChainState(store.pool, network.chain_id, network.key)
+    policy = _watcher_policy(network, settings)
+    logs = PaymentLogs(network=network, state=state, metrics=metrics, policy=policy)
+    watcher = ChainWatcher(key=network.key, chain=chain, state=state, metrics=metrics,
+                           policy=policy, processor=logs)
+    return watcher, logs
 
 
 def _watcher_policy(network: Network, settings: Settings) -> WatcherPolicy:

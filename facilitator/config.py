@@ -63,6 +63,24 @@ class NetworkSettings:
 
 
 @dataclass(frozen=True)
+class OgSettings:
+    """The OpenGradient chain: where inference attestations are settled and TEEs registered."""
+
+    chain_id: int
+    rpc_urls: tuple[Secret, ...]
+    tee_registry: str
+    settlement_relay: str
+    settlement_relayer: str  # only events sent by this address count (anyone can deploy a copy)
+    blobstore_url: str | None
+    confirmations: int = 0
+    data_relay: bool = False  # run our own data-settlement relay (batch / individual)
+    signer_key: SignerKey | None = None
+    relay_batch_size: int = 20
+    relay_batch_age_s: float = 300.0
+    settle_window_s: float = 3600.0  # attestation_not_settled after this long
+
+
+@dataclass(frozen=True)
 class Settings:
     host: str
     port: int
@@ -87,6 +105,7 @@ class Settings:
     watcher_start_lookback_blocks: int = 1_000
     watched_payees: frozenset[str] = frozenset()
     api_tokens: tuple[ApiToken, ...] = ()
+    og: OgSettings | None = None
     log_level: str = "INFO"
     log_format: str = "json"
     secrets: tuple[str, ...] = field(default=(), repr=False)  # values the log filter redacts
@@ -167,8 +186,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     key = _signer_key(env)
     database_url = Secret(read.text("DATABASE_URL"))
     networks = _networks(env, toml)
+    og = _og_settings(env, read)
     secrets = ([database_url.reveal()] + [u.reveal() for n in networks for u in n.rpc_urls]
                + list(key.redaction_forms()))
+    if og is not None:
+        secrets += [u.reveal() for u in og.rpc_urls]
+        secrets += list(og.signer_key.redaction_forms()) if og.signer_key else []
     return Settings(
         host=read.text("FACILITATOR_HOST", "127.0.0.1", "server.host"),
         port=read.integer("FACILITATOR_PORT", 4022, "server.port", low=1, high=65535),
@@ -213,12 +236,60 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         watched_payees=_addresses(read.text("FACILITATOR_WATCH_PAY_TO", "-",
                                             "watcher.pay_to"), "FACILITATOR_WATCH_PAY_TO"),
         api_tokens=_api_tokens(env.get("FACILITATOR_API_TOKENS", "")),
+        og=og,
         log_level=read.choice("FACILITATOR_LOG_LEVEL", "INFO",
                               ("DEBUG", "INFO", "WARNING", "ERROR"), "logging.level"),
         log_format=read.choice("FACILITATOR_LOG_FORMAT", "json", ("json", "text"),
                                "logging.format"),
         secrets=tuple(s for s in secrets if s),
     )
+
+
+def _og_settings(env: Mapping[str, str], read: _Reader) -> OgSettings | None:
+    """Set up only when FACILITATOR_OG_RPC_URLS is given (the attestation cross-check)."""
+    if not env.get("FACILITATOR_OG_RPC_URLS"):
+        return None
+    relay_on = read.choice("FACILITATOR_DATA_RELAY", "off", ("on", "off"), "og.data_relay") == "on"
+    signer = None
+    if relay_on:
+        raw = env.get("FACILITATOR_OG_SIGNER_KEY", "")
+        if not raw:
+            raise ConfigError("FACILITATOR_OG_SIGNER_KEY is required when FACILITATOR_DATA_RELAY=on")
+        try:
+            signer = SignerKey.from_hex(raw)
+        except SignerKeyError as exc:
+            raise ConfigError(f"FACILITATOR_OG_SIGNER_KEY: {exc}") from None
+    blobstore = env.get("FACILITATOR_BLOBSTORE_URL") or None
+    if blobstore is not None and not re.match(r"https?://[^\s/]+", blobstore):
+        raise ConfigError("FACILITATOR_BLOBSTORE_URL must start with http:// or https://")
+    if relay_on and blobstore is None:
+        raise ConfigError("FACILITATOR_BLOBSTORE_URL is required when FACILITATOR_DATA_RELAY=on")
+    return OgSettings(
+        chain_id=read.integer("FACILITATOR_OG_CHAIN_ID", 10740, "og.chain_id", low=1),
+        rpc_urls=_rpc_urls(env, "FACILITATOR_OG_RPC_URLS"),
+        tee_registry=_one_address(read, "FACILITATOR_TEE_REGISTRY", "og.tee_registry"),
+        settlement_relay=_one_address(read, "FACILITATOR_SETTLEMENT_RELAY",
+                                      "og.settlement_relay"),
+        settlement_relayer=_one_address(read, "FACILITATOR_SETTLEMENT_RELAYER",
+                                        "og.settlement_relayer"),
+        blobstore_url=blobstore.rstrip("/") if blobstore else None,
+        confirmations=read.integer("FACILITATOR_OG_CONFIRMATIONS", 0, "og.confirmations",
+                                   low=0, high=10_000),
+        data_relay=relay_on, signer_key=signer,
+        relay_batch_size=read.integer("FACILITATOR_RELAY_BATCH_SIZE", 20, "og.relay_batch_size",
+                                      low=1, high=10_000),
+        relay_batch_age_s=read.number("FACILITATOR_RELAY_BATCH_AGE_S", 300.0,
+                                      "og.relay_batch_age_s", low=0.1, high=86_400),
+        settle_window_s=read.number("FACILITATOR_ATTESTATION_SETTLE_WINDOW_S", 3600.0,
+                                    "og.settle_window_s", low=1, high=30 * 86_400),
+    )
+
+
+def _one_address(read: _Reader, var: str, toml: str) -> str:
+    try:
+        return address(read.text(var, None, toml), var)
+    except BadRequest:
+        raise ConfigError(f"{var} must be a 0x-prefixed 20-byte hex address") from None
 
 
 def _api_tokens(value: str) -> tuple[ApiToken, ...]:

@@ -12,11 +12,16 @@ Guarantees:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import asyncpg
+
+from facilitator.invariant import invariant
+
+T = TypeVar("T")
 
 
 
@@ -117,25 +122,18 @@ class ChainState:
             WHERE chain_id = $1 AND halted_reason IS NOT NULL""", self.chain_id)
         return result.endswith(" 1")
 
-    async def watched_payees(self, candidates: Sequence[str], configured: frozenset[str]
-                             ) -> set[str]:
-        """Which of these recipients we watch: configured payees and every settlement's payTo."""
-        rows = await self.pool.fetch(
-            "SELECT DISTINCT pay_to FROM settlements WHERE chain_id = $1 AND pay_to = ANY($2)",
-            self.chain_id, [_b(c) for c in candidates])
-        return {"0x" + bytes(r["pay_to"]).hex() for r in rows} | (set(candidates) & configured)
-
-    async def commit_blocks(self, blocks: Sequence[Block], transfers: Sequence[TransferLog],
-                            uses: Sequence[AuthorizationUse]) -> RangeResult:
-        assert blocks, "a range has at least one block"
+    async def commit_blocks(self, blocks: Sequence[Block],
+                            derive: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """Store a range of blocks, what `derive` makes of their logs, and the new checkpoint,
+        in one transaction."""
+        invariant(bool(blocks), "a range has at least one block")
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.executemany("""
                 INSERT INTO chain_blocks (chain_id, number, hash, parent_hash, timestamp)
                 VALUES ($1, $2, $3, $4, $5)""",
                 [(self.chain_id, b.number, b.hash, b.parent_hash,
                   datetime.fromtimestamp(b.timestamp, UTC)) for b in blocks])
-            included, external = await _record_inclusions(conn, self.chain_id, transfers, uses)
-            unmatched = await _record_transfers(conn, self.chain_id, transfers)
+            derived = await derive(conn)
             last = blocks[-1]
             await conn.execute("""
                 INSERT INTO chain_cursors (chain_id, network, head_number, head_hash)
@@ -143,7 +141,45 @@ class ChainState:
                 ON CONFLICT (chain_id) DO UPDATE SET head_number = $3, head_hash = $4,
                     updated_at = clock_timestamp()""", self.chain_id, self.network, last.number,
                 last.hash)
-        return RangeResult(included, external, unmatched)
+        return derived
+
+    async def revert_to(self, ancestor: int,
+                        undo: Callable[[asyncpg.Connection, int], Awaitable[list[int]]]
+                        ) -> list[int]:
+        """Undo everything above block `ancestor` in one transaction: `undo` removes what was
+        derived from those blocks (and returns the ids it moved); the blocks and checkpoint
+        follow."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            moved = await undo(conn, ancestor)
+            await conn.execute(
+                "DELETE FROM chain_blocks WHERE chain_id = $1 AND number > $2", self.chain_id,
+                ancestor)
+            ancestor_hash = await conn.fetchval(
+                "SELECT hash FROM chain_blocks WHERE chain_id = $1 AND number = $2",
+                self.chain_id, ancestor)
+            await conn.execute("""
+                UPDATE chain_cursors SET head_number = $2, head_hash = $3,
+                    accept_deep_reorg = false, updated_at = clock_timestamp()
+                WHERE chain_id = $1""", self.chain_id, ancestor, ancestor_hash)
+        return moved
+
+    async def prune(self, keep_from: int) -> None:
+        await self.pool.execute(
+            "DELETE FROM chain_blocks WHERE chain_id = $1 AND number < $2", self.chain_id,
+            keep_from)
+
+
+class PaymentChainState(ChainState):
+    """The payment chain's derived facts: settlement inclusions seen in logs, confirmations,
+    watched transfers."""
+
+    async def watched_payees(self, candidates: Sequence[str], configured: frozenset[str]
+                             ) -> set[str]:
+        """Which of these recipients we watch: configured payees and every settlement's payTo."""
+        rows = await self.pool.fetch(
+            "SELECT DISTINCT pay_to FROM settlements WHERE chain_id = $1 AND pay_to = ANY($2)",
+            self.chain_id, [_b(c) for c in candidates])
+        return {"0x" + bytes(r["pay_to"]).hex() for r in rows} | (set(candidates) & configured)
 
     async def confirm(self, depth: int) -> list[Confirmed]:
         """included -> confirmed for settlements buried `depth` blocks deep in OUR canonical
@@ -171,51 +207,10 @@ class ChainState:
             RETURNING s.id""", self.chain_id)
         return [r["id"] for r in rows]
 
-    async def revert_to(self, ancestor: int, *, allow_confirmed: bool) -> list[int]:
-        """Undo everything above block `ancestor`; returns the settlements moved back to
-        `broadcast`. Confirmed settlements are only touched when an operator allowed it."""
-        states = ["included", "confirmed"] if allow_confirmed else ["included"]
-        async with self.pool.acquire() as conn, conn.transaction():
-            moved = await conn.fetch("""
-                UPDATE settlements SET state = 'broadcast', block_number = NULL,
-                    block_hash = NULL, log_index = NULL, included_at = NULL, confirmed_at = NULL,
-                    broadcast_at = COALESCE(broadcast_at, clock_timestamp()),
-                    settled_by = NULL
-                WHERE chain_id = $1 AND state = ANY($2::text[]) AND block_number > $3
-                  AND raw_tx IS NOT NULL
-                RETURNING id""", self.chain_id, states, ancestor)
-            await conn.execute("""
-                DELETE FROM chain_transfers WHERE chain_id = $1 AND block_number > $2""",
-                self.chain_id, ancestor)
-            await conn.execute(
-                "DELETE FROM chain_blocks WHERE chain_id = $1 AND number > $2", self.chain_id,
-                ancestor)
-            ancestor_hash = await conn.fetchval(
-                "SELECT hash FROM chain_blocks WHERE chain_id = $1 AND number = $2",
-                self.chain_id, ancestor)
-            await conn.execute("""
-                UPDATE chain_cursors SET head_number = $2, head_hash = $3,
-                    accept_deep_reorg = false, updated_at = clock_timestamp()
-                WHERE chain_id = $1""", self.chain_id, ancestor, ancestor_hash)
-        return [r["id"] for r in moved]
-
-    async def external_rows_above(self, ancestor: int) -> int:
-        """Included-by-someone-else settlements above the ancestor (they have no raw tx of ours
-        to fall back on; the reorg may have undone the payment itself)."""
-        return int(await self.pool.fetchval("""
-            SELECT count(*) FROM settlements WHERE chain_id = $1 AND block_number > $2
-              AND state IN ('included', 'confirmed') AND raw_tx IS NULL""",
-            self.chain_id, ancestor))
-
     async def confirmed_above(self, ancestor: int) -> int:
         return int(await self.pool.fetchval("""
             SELECT count(*) FROM settlements WHERE chain_id = $1 AND state = 'confirmed'
               AND block_number > $2""", self.chain_id, ancestor))
-
-    async def prune(self, keep_from: int) -> None:
-        await self.pool.execute(
-            "DELETE FROM chain_blocks WHERE chain_id = $1 AND number < $2", self.chain_id,
-            keep_from)
 
     async def unfinished_by_age(self) -> list[tuple[str, float]]:
         rows = await self.pool.fetch("""
@@ -223,6 +218,29 @@ class ChainState:
             FROM settlements WHERE chain_id = $1
               AND state IN ('pending', 'signed', 'broadcast', 'included')""", self.chain_id)
         return [(r["state"], float(r["age"])) for r in rows]
+
+    async def revert_settlements(self, conn: asyncpg.Connection, ancestor: int,
+                                 allow_confirmed: bool) -> list[int]:
+        """Settlements included above `ancestor` go back to `broadcast` (confirmed ones only
+        when an operator accepted a deep reorg); their observed transfers are forgotten."""
+        states = ["included", "confirmed"] if allow_confirmed else ["included"]
+        moved = await conn.fetch("""
+            UPDATE settlements SET state = 'broadcast', block_number = NULL,
+                block_hash = NULL, log_index = NULL, included_at = NULL, confirmed_at = NULL,
+                broadcast_at = COALESCE(broadcast_at, clock_timestamp()), settled_by = NULL
+            WHERE chain_id = $1 AND state = ANY($2::text[]) AND block_number > $3
+              AND raw_tx IS NOT NULL
+            RETURNING id""", self.chain_id, states, ancestor)
+        await conn.execute(
+            "DELETE FROM chain_transfers WHERE chain_id = $1 AND block_number > $2",
+            self.chain_id, ancestor)
+        return [r["id"] for r in moved]
+
+    async def derive_payments(self, conn: asyncpg.Connection, transfers: Sequence[TransferLog],
+                              uses: Sequence[AuthorizationUse]) -> RangeResult:
+        included, external = await _record_inclusions(conn, self.chain_id, transfers, uses)
+        unmatched = await _record_transfers(conn, self.chain_id, transfers)
+        return RangeResult(included, external, unmatched)
 
 
 async def _record_inclusions(conn: asyncpg.Connection, chain_id: int,

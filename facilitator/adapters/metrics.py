@@ -23,6 +23,12 @@ FAILURE_EXTRA_CAUSES = ("rpc_error", "signer_underfunded", "reverted", "receipt_
                         "dropped", "reorged", "expired", "front_run", "gas_cap", "overloaded",
                         "send_rejected", "internal_error")
 SCHEME_NAMES = ("exact", "upto")
+ATTESTATION_RESULTS = ("valid", "invalid_signature", "unknown_tee", "tee_disabled",
+                       "hash_mismatch")
+BATCH_RESULTS = ("valid", "unavailable", "malformed", "root_mismatch", "size_mismatch")
+FINDING_KINDS = ("paid_not_attested", "attested_not_paid", "invalid_tee_signature", "unknown_tee",
+                 "tee_disabled", "attestation_not_settled", "amount_mismatch", "payto_mismatch",
+                 "duplicate", "late_settlement", "batch_dump_invalid", "unlinked_reconciliation")
 RPC_METHODS = ("eth_blockNumber", "eth_call", "eth_chainId", "eth_estimateGas", "eth_getBalance",
                "eth_getBlockByNumber", "eth_getCode", "eth_getLogs", "eth_getTransactionByHash",
                "eth_getTransactionCount", "eth_getTransactionReceipt", "eth_sendRawTransaction")
@@ -119,6 +125,28 @@ class Metrics:
         self.records_dropped = Counter(
             f"{NS}_verification_records_failed", "Verification audit records that failed to write.",
             registry=r)
+        self.attestations_received = Counter(
+            f"{NS}_attestations_received", "Attestations posted to /settle_data, by mode.",
+            ["mode"], registry=r)
+        self.attestations_verified = Counter(
+            f"{NS}_attestations_verified", "Attestations checked, by result (valid, "
+            "invalid_signature, unknown_tee, tee_disabled, hash_mismatch).", ["result"],
+            registry=r)
+        self.attestation_verify_seconds = Histogram(
+            f"{NS}_attestation_verification_seconds", "Time to verify one attestation.",
+            buckets=FAST_BUCKETS, registry=r)
+        self.og_batches_checked = Counter(
+            f"{NS}_og_batches_checked", "OpenGradient batch settlements checked against their "
+            "published dump, by result.", ["result"], registry=r)
+        self.relay_submissions = Counter(
+            f"{NS}_relay_submissions", "Data-settlement submissions to the OpenGradient chain.",
+            ["kind", "result"], registry=r)
+        self.findings = Counter(
+            f"{NS}_findings", "Cross-check findings reported, by kind and whether the payment "
+            "link was direct (linked) or a per-TEE reconciliation.", ["kind", "linked"],
+            registry=r)
+        self.crosscheck_runs = Counter(
+            f"{NS}_crosscheck_runs", "Cross-check passes, by result.", ["result"], registry=r)
         self.db_pool_connections = Gauge(
             f"{NS}_db_pool_connections", "Database pool connections by state (in_use | idle | max).",
             ["state"], registry=r)
@@ -128,6 +156,20 @@ class Metrics:
     def _initialise(self, networks: tuple[str, ...], causes: tuple[str, ...]) -> None:
         """Create every series of the closed label sets up front, so dashboards and alerts see
         zeros instead of "no data" before the first event."""
+        for mode in ("private", "batch", "individual"):
+            self.attestations_received.labels(mode)
+        for result in ATTESTATION_RESULTS:
+            self.attestations_verified.labels(result)
+        for result in BATCH_RESULTS:
+            self.og_batches_checked.labels(result)
+        for kind in ("batch", "individual"):
+            for result in ("submitted", "included", "failed"):
+                self.relay_submissions.labels(kind, result)
+        for kind in FINDING_KINDS:
+            for linked in ("true", "false"):
+                self.findings.labels(kind, linked)
+        for result in ("ok", "error"):
+            self.crosscheck_runs.labels(result)
         for net in networks:
             for scheme in SCHEME_NAMES:
                 self.verify_seconds.labels(scheme, net)

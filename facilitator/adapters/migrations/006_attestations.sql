@@ -22,6 +22,7 @@ CREATE TABLE attestations (
     payer            bytea CHECK (length(payer) = 20),
     permit_nonce     bytea CHECK (length(permit_nonce) = 32),
     session_id       bigint REFERENCES upto_sessions (id),  -- resolved link to the payment
+    cost_opg         numeric(78, 0),               -- what the gateway charged for this request
     eth_address      bytea CHECK (length(eth_address) = 20),  -- individual mode
     request_body     jsonb,                        -- individual mode: the full request
     response_body    jsonb,                        -- individual mode: the full response
