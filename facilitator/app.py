@@ -15,11 +15,19 @@ from typing import Any
 
 from aiohttp import web
 
-from facilitator.adapters.chainstate import PaymentChainState
+from facilitator.adapters.attestations import AttestationStore
+from facilitator.adapters.blobstore import BlobStoreClient
+from facilitator.adapters.chainstate import ChainState, PaymentChainState
+from facilitator.adapters.og_chain import OgChainState
+from facilitator.adapters.og_relay import RelayStore
+from facilitator.protocol.fields import BadRequest
+from facilitator.services.attestations import AttestationService
+from facilitator.services.datarelay import DataRelay
+from facilitator.services.og_logs import OgLogs
 from facilitator.adapters.jsonrpc import JsonRpcClient
 from facilitator.adapters.metrics import Metrics
 from facilitator.adapters.store import Store
-from facilitator.config import NetworkSettings, Settings
+from facilitator.config import NetworkSettings, OgSettings, Settings
 from facilitator.http.app import build_http_app
 from facilitator.protocol.networks import Network, NetworkRegistry
 from facilitator.protocol.reasons import Reason
@@ -70,6 +78,7 @@ class Facilitator:
     jobs: JobStore
     job_worker: SettleJobWorker
     sessions: SessionStore
+    og: _OgRuntime | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _runner: web.AppRunner | None = None
     port: int = 0
@@ -99,9 +108,11 @@ class Facilitator:
                       for k, r in runtimes.items()},
             recorder=recorder, metrics=metrics, signer_address=settings.signer_key.address)
         jobs = JobStore(store.pool)
+        og = _build_og(settings, store, metrics) if settings.og is not None else None
         return cls(settings=settings, metrics=metrics, store=store, service=service,
                    recorder=recorder, networks=runtimes, jobs=jobs,
-                   job_worker=SettleJobWorker(jobs=jobs, service=service), sessions=sessions)
+                   job_worker=SettleJobWorker(jobs=jobs, service=service), sessions=sessions,
+                   og=og)
 
     async def start(self) -> None:
         for runtime in self.networks.values():
@@ -115,9 +126,12 @@ class Facilitator:
                 self._spawn(runtime.watcher.run(), f"watcher:{runtime.settings.network.key}")
         self._spawn(self.recorder.run(), "recorder")
         self._spawn(self.job_worker.run(), "settle-jobs")
+        if self.og is not None:
+            await self._start_og(self.og)
         app = build_http_app(self.service, self.metrics, self.readiness, self.settlement_status,
                              _AsyncSettlement(self))
         add_audit_routes(app, self.store.pool, self.settings.api_tokens)
+        app.router.add_post("/settle_data", self.settle_data)
         app.router.add_post("/v1/ops/chains/{network}/resume",
                             require_role("operator")(self.resume_chain))
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -145,19 +159,52 @@ class Facilitator:
         await self.recorder.close()
         for runtime in self.networks.values():
             await runtime.chain.close()
+        if self.og is not None:
+            await self.og.chain.close()
+            if self.og.blobs is not None:
+                await self.og.blobs.close()
         await self.store.close()
+
+    async def _start_og(self, og: _OgRuntime) -> None:
+        await og.chain.start()
+        actual = int(await og.chain.request("eth_chainId", []), 16)
+        if og.settings.chain_id != actual:
+            raise StartupError(f"FACILITATOR_OG_RPC_URLS serves chain {actual}, expected "
+                               f"{og.settings.chain_id}")
+        if og.blobs is not None:
+            await og.blobs.start()
+        self._spawn(og.watcher.run(), "watcher:opengradient")
+        self._spawn(og.attestations.run(), "attestations")
+        if og.relay is not None:
+            self._spawn(og.relay.run(), "data-relay")
+
+    async def settle_data(self, request: web.Request) -> web.Response:
+        """`POST /settle_data` (OpenGradient's facilitator API): one attestation per call."""
+        if self.og is None:
+            return web.json_response({"error": "not_configured", "message": "attestation "
+                                      "cross-check is not configured (FACILITATOR_OG_RPC_URLS)"},
+                                     status=503)
+        try:
+            body = await self.og.attestations.ingest(request.headers.get("x-settlement-type"),
+                                                     request.headers.get("x-settlement-data"))
+        except BadRequest as exc:
+            return web.json_response({"error": "invalid_request", "field": exc.field,
+                                      "message": exc.message}, status=400)
+        return web.json_response(body, status=202)
 
     async def resume_chain(self, request: web.Request) -> web.Response:
         """Operator action after a deep reorg halted a chain's watcher: accept the chain as it is
         now (the watcher then reverts to the common ancestor and confirms again)."""
-        runtime = self.networks.get(request.match_info["network"])
-        if runtime is None:
+        key = request.match_info["network"]
+        runtime = self.networks.get(key)
+        watcher = runtime.watcher if runtime is not None else \
+            self.og.watcher if self.og is not None and key == OG_KEY else None
+        if watcher is None:
             return web.json_response({"error": "not_found", "message": "no such network"},
                                      status=404)
-        resumed = await runtime.watcher.resume()
-        log.warning("operator resumed the watcher of %s (was halted: %s)",
-                    runtime.settings.network.key, resumed)
-        return web.json_response({"network": runtime.settings.network.key, "resumed": resumed})
+        resumed = await watcher.resume()
+        log.warning("operator resumed the watcher of %s (was halted: %s)", key, resumed)
+        return web.json_response({"network": key, "resumed": resumed})
 
     async def readiness(self) -> dict[str, Any]:
         checks: dict[str, str] = {}
@@ -267,6 +314,49 @@ def _watcher_policy(network: Network, settings: Settings) -> WatcherPolicy:
         poll_interval_s=settings.watcher_poll_interval_s,
         start_lookback_blocks=settings.watcher_start_lookback_blocks,
         watched_payees=settings.watched_payees)
+
+
+OG_KEY = "opengradient"
+
+
+@dataclass
+class _OgRuntime:
+    settings: OgSettings
+    chain: JsonRpcClient
+    watcher: ChainWatcher
+    attestations: AttestationService
+    blobs: BlobStoreClient | None
+    relay: DataRelay | None
+
+
+def _build_og(settings: Settings, store: Store, metrics: Metrics) -> _OgRuntime:
+    og = settings.og
+    if og is None:
+        raise StartupError("OpenGradient settings are missing")
+    metrics.initialise_chain(OG_KEY)
+    chain = JsonRpcClient([u.reveal() for u in og.rpc_urls], chain=OG_KEY, metrics=metrics,
+                          timeout_s=settings.rpc_timeout_s)
+    blobs = BlobStoreClient(og.blobstore_url) if og.blobstore_url else None
+    logs = OgLogs(chain=chain, state=OgChainState(store.pool, og.chain_id), metrics=metrics,
+                  registry=og.tee_registry, relay=og.settlement_relay,
+                  relayer=og.settlement_relayer, blobs=blobs)
+    policy = WatcherPolicy(confirmations=og.confirmations, max_reorg_depth=settings.max_reorg_depth,
+                           range_blocks=settings.watcher_range_blocks,
+                           poll_interval_s=settings.watcher_poll_interval_s,
+                           start_lookback_blocks=settings.watcher_start_lookback_blocks)
+    watcher = ChainWatcher(key=OG_KEY, chain=chain, state=ChainState(store.pool, og.chain_id,
+                                                                        OG_KEY),
+                           metrics=metrics, policy=policy, processor=logs)
+    payments_chain = settings.networks[0].network.chain_id
+    attestations = AttestationService(AttestationStore(store.pool, payments_chain, og.chain_id),
+                                      metrics)
+    relay = None
+    if og.data_relay and og.signer_key is not None and blobs is not None:
+        relay = DataRelay(store=RelayStore(store.pool), chain=chain, key=og.signer_key,
+                          blobs=blobs, relay_contract=og.settlement_relay, chain_id=og.chain_id,
+                          metrics=metrics, batch_size=og.relay_batch_size,
+                          batch_age_s=og.relay_batch_age_s)
+    return _OgRuntime(og, chain, watcher, attestations, blobs, relay)
 
 
 class _AsyncSettlement:

@@ -262,3 +262,90 @@ async def start_facilitator(chain: DevChain, database_url: str, signer_key: str 
     service = await Facilitator.create(load_settings(env))
     await service.start()
     return RunningFacilitator(service, env)
+
+
+OG_CHAIN_ID = 10740
+OG_ADMIN_KEY = DEV_KEYS[0]
+OG_RELAYER_KEY = DEV_KEYS[8]
+
+
+@dataclass
+class OgChain:
+    """A second anvil as the OpenGradient chain: TEE registry, settlement relay (the relayer
+    key holds the relay role), and a Walrus-like blob store."""
+
+    anvil: Anvil
+    registry: str
+    relay: str
+    relayer: str
+    blobs: Any  # facilitator.devnet.blobstore.BlobStoreServer
+    blob_url: str
+
+    @classmethod
+    async def start(cls, blob_dir: Any) -> OgChain:
+        from facilitator.devnet.blobstore import BlobStoreServer
+
+        anvil = await Anvil(chain_id=OG_CHAIN_ID).start()
+        registry = await contracts.deploy_tee_registry(anvil.url, OG_ADMIN_KEY)
+        relay = await contracts.deploy_settlement_relay(anvil.url, OG_ADMIN_KEY, registry)
+        relayer = Account.from_key(OG_RELAYER_KEY).address
+        await contracts.add_relayer(anvil.url, OG_ADMIN_KEY, relay, relayer)
+        blobs = BlobStoreServer(blob_dir)
+        blob_url = await blobs.start()
+        return cls(anvil, registry, relay, relayer, blobs, blob_url)
+
+    @property
+    def url(self) -> str:
+        return self.anvil.url
+
+    def env(self, **overrides: str) -> dict[str, str]:
+        """Facilitator settings for this chain (our data relay on, small fast batches)."""
+        return {"FACILITATOR_OG_RPC_URLS": self.url, "FACILITATOR_OG_CHAIN_ID": str(OG_CHAIN_ID),
+                "FACILITATOR_TEE_REGISTRY": self.registry,
+                "FACILITATOR_SETTLEMENT_RELAY": self.relay,
+                "FACILITATOR_SETTLEMENT_RELAYER": self.relayer,
+                "FACILITATOR_BLOBSTORE_URL": self.blob_url, "FACILITATOR_DATA_RELAY": "on",
+                "FACILITATOR_OG_SIGNER_KEY": OG_RELAYER_KEY, "FACILITATOR_RELAY_BATCH_SIZE": "3",
+                "FACILITATOR_RELAY_BATCH_AGE_S": "1", **overrides}
+
+    async def register_tee(self, private_key: Any, payment_address: str,
+                           endpoint: str = "http://127.0.0.1/tee") -> bytes:
+        from facilitator.core.attestation import public_key_der
+
+        tee_id = await contracts.register_tee(
+            self.url, OG_ADMIN_KEY, self.registry, public_key_der(private_key),
+            endpoint=endpoint, payment_address=payment_address)
+        return bytes.fromhex(tee_id[2:])
+
+    async def stop(self) -> None:
+        await self.blobs.stop()
+        await self.anvil.stop()
+
+
+def attestation_header(private_key: Any, tee_id: bytes, request: dict[str, Any],
+                       content: str, *, timestamp: int | None = None,
+                       session: dict[str, Any] | None = None, cost_opg: int | None = None,
+                       individual: bool = False, response: dict[str, Any] | None = None) -> str:
+    """An `x-settlement-data` value for one really signed inference (as the gateway posts)."""
+    import base64
+    import json
+
+    from facilitator.core import attestation as att
+
+    ts = timestamp if timestamp is not None else int(time.time())
+    in_hash = att.input_hash(att.canonical_chat_request(request))
+    out_hash = att.output_hash(content)
+    signature = att.sign_attestation(private_key, att.message_hash(in_hash, out_hash, ts))
+    data: dict[str, Any] = {"tee_id": "0x" + tee_id.hex(), "input_hash": in_hash.hex(),
+                            "output_hash": out_hash.hex(),
+                            "tee_signature": base64.b64encode(signature).decode(),
+                            "tee_timestamp": ts, "timestamp": ts}
+    if individual:
+        data.update({"input": request, "eth_address": Account.create().address,
+                     "output": response or {"choices": [{"message": {"role": "assistant",
+                                                                    "content": content}}]}})
+    if session is not None:
+        data["session"] = session
+    if cost_opg is not None:
+        data["cost_opg"] = str(cost_opg)
+    return base64.b64encode(json.dumps(data).encode()).decode()

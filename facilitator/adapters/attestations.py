@@ -110,9 +110,12 @@ class AttestationStore:
             response_body=json.loads(r["response_body"]) if r["response_body"] else None,
             received_at=r["received_at"]) for r in rows]
 
-    async def tee_state(self, tee_id: bytes, at_unix: int) -> TeeState | None:
+    async def tee_state(self, tee_id: bytes, at_unix: int, registration_skew_s: int = 300
+                        ) -> TeeState | None:
         """The TEE's key and whether it was enabled at `at_unix` (from registry events up to
-        that time); None when the registry has never heard of it."""
+        that time); None when the registry has never heard of it. A registration up to
+        `registration_skew_s` after `at_unix` still counts (TEE clocks and block timestamps
+        drift apart by seconds; OpenGradient's on-chain verifier allows 5 minutes ahead)."""
         key = await self.pool.fetchrow("""
             SELECT public_key, payment_address FROM tee_keys WHERE chain_id = $1 AND tee_id = $2""",
             self.og_chain_id, tee_id)
@@ -122,6 +125,12 @@ class AttestationStore:
             SELECT kind FROM tee_events WHERE chain_id = $1 AND tee_id = $2 AND block_time <= $3
             ORDER BY block_number DESC, log_index DESC LIMIT 1""",
             self.og_chain_id, tee_id, datetime.fromtimestamp(at_unix, UTC))
+        if last is None:
+            last = await self.pool.fetchval("""
+                SELECT kind FROM tee_events WHERE chain_id = $1 AND tee_id = $2
+                  AND kind = 'registered' AND block_time <= $3 LIMIT 1""",
+                self.og_chain_id, tee_id, datetime.fromtimestamp(at_unix + registration_skew_s,
+                                                                  UTC))
         enabled = None if last is None else last in ("registered", "enabled")
         payment = key["payment_address"]
         return TeeState(bytes(key["public_key"]), bytes(payment) if payment else None, enabled)

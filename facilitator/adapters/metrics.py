@@ -195,6 +195,14 @@ class Metrics:
             for cause in ("send_rejected", "nonce_taken"):
                 self.signer_nonce_resets.labels(net, cause)
 
+    def initialise_chain(self, key: str) -> None:
+        """Watcher series for a chain that carries no payments (the OpenGradient chain)."""
+        self.reorg_depth.labels(key)
+        self.watcher_halted.labels(key).set(0)
+        for method in RPC_METHODS:
+            for kind in ("transport", "node_error"):
+                self.rpc_errors.labels(key, method, kind)
+
     def track_db_pool(self, pool: Any) -> None:
         """Pool usage read at scrape time (an asyncpg pool)."""
         gauge = self.db_pool_connections

@@ -2,10 +2,11 @@
 
 A TEE gateway posts every inference's signed `(input hash, output hash, timestamp)`; we store
 it with its settlement mode and, when the gateway names it, the upto session it was paid by.
-A background pass then verifies each one: the signing key is the registry's key for that TEE
-(`tee_id == keccak256(public key)`), the TEE was enabled at `tee_timestamp`, the RSA-PSS
-signature verifies, and — for individual records that carry the full request and response —
-the hashes are recomputed.
+A background pass then verifies each one, in this precedence: the TEE is in the registry at
+`tee_timestamp` (else `unknown_tee`), the RSA-PSS signature verifies under the registry's key,
+whose keccak256 is the tee id (else `invalid_signature`), the TEE was enabled at `tee_timestamp`
+(else `tee_disabled`), and — for individual records that carry the full request and response —
+the recomputed hashes match (else `hash_mismatch`).
 
 Guarantees: bad data is a `BadRequest` naming the field and nothing is stored; a record posted
 twice is stored once; a verdict is only given once the registry history covering the record's
@@ -144,11 +145,11 @@ class AttestationService:
         state = await self._store.tee_state(record.tee_id, record.tee_timestamp)
         if state is None or state.enabled_at_time is None:
             return "unknown_tee"
+        key = self._keys.get(record.tee_id) or self._keys.add(state.public_key)
+        if not verify_record(record, key):  # a forgery is reported as such, enabled or not
+            return "invalid_signature"
         if not state.enabled_at_time:
             return "tee_disabled"
-        key = self._keys.get(record.tee_id) or self._keys.add(state.public_key)
-        if not verify_record(record, key):
-            return "invalid_signature"
         if pending.mode == "individual" and not _hashes_match(pending):
             return "hash_mismatch"
         return "valid"
