@@ -121,11 +121,17 @@ class OgChainState:
         return [PendingBatch(r["id"], bytes(r["merkle_root"]), int(r["batch_size"]), r["blob_id"])
                 for r in rows]
 
-    async def record_dump(self, batch_id: int, status: str, leaves: Sequence[Leaf]) -> None:
+    async def record_dump(self, batch_id: int, status: str, leaves: Sequence[Leaf], *,
+                          dump_root: bytes | None = None, leaf_count: int | None = None,
+                          error: str | None = None) -> None:
+        """The check's verdict, what the dump itself said (root, size) and, when valid, its
+        leaves with their proofs."""
         async with self.pool.acquire() as conn, conn.transaction():
             done = await conn.execute("""
-                UPDATE og_batches SET dump_status = $2, dump_checked_at = clock_timestamp()
-                WHERE id = $1 AND dump_status = 'pending'""", batch_id, status)
+                UPDATE og_batches SET dump_status = $2, dump_checked_at = clock_timestamp(),
+                    dump_root = $3, dump_leaf_count = $4, dump_error = $5
+                WHERE id = $1 AND dump_status = 'pending'""", batch_id, status, dump_root,
+                leaf_count, error)
             if not done.endswith(" 1"):
                 return  # checked concurrently, or reorged away
             await conn.executemany("""

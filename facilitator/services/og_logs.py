@@ -140,20 +140,24 @@ class OgLogs:
         except BlobStoreUnavailable as exc:
             log.warning("dump %s of batch %d not fetched yet: %s", batch.blob_id, batch.id, exc)
             return None  # retried next pass
-        except (BlobNotFound, BlobStoreError):  # the store answered: there is no such blob
-            return await self._record(batch, "unavailable", [])
+        except (BlobNotFound, BlobStoreError) as exc:  # the store answered: no such blob
+            return await self._record(batch, "unavailable", error=str(exc)[:200])
         try:
             tree = StandardMerkleTree.load(raw)
-        except (InvalidDump, ValueError):
-            return await self._record(batch, "malformed", [])
+        except (InvalidDump, ValueError) as exc:
+            return await self._record(batch, "malformed", error=str(exc)[:200])
+        facts = {"dump_root": tree.root, "leaf_count": len(tree)}
         if tree.root != batch.merkle_root:
-            return await self._record(batch, "root_mismatch", [])
+            return await self._record(batch, "root_mismatch", **facts)
         if len(tree) != batch.batch_size or tuple(tree.leaf_encoding) != LEAF_ENCODING:
-            return await self._record(batch, "size_mismatch", [])
-        return await self._record(batch, "valid", _leaves(tree))
+            return await self._record(batch, "size_mismatch", **facts)
+        return await self._record(batch, "valid", _leaves(tree), **facts)
 
-    async def _record(self, batch: PendingBatch, status: str, leaves: list[Leaf]) -> None:
-        await self._state.record_dump(batch.id, status, leaves)
+    async def _record(self, batch: PendingBatch, status: str, leaves: list[Leaf] | None = None,
+                      *, dump_root: bytes | None = None, leaf_count: int | None = None,
+                      error: str | None = None) -> None:
+        await self._state.record_dump(batch.id, status, leaves or [], dump_root=dump_root,
+                                      leaf_count=leaf_count, error=error)
         self._metrics.og_batches_checked.labels(status).inc()
         if status != "valid":
             log.warning("batch %d (root 0x%s) dump check: %s", batch.id,
