@@ -32,7 +32,10 @@ from facilitator.http.app import build_http_app
 from facilitator.protocol.networks import Network, NetworkRegistry
 from facilitator.protocol.reasons import Reason
 from facilitator.adapters.jobs import JobStore
+from facilitator.audit.findings_routes import add_findings_routes
 from facilitator.audit.routes import add_audit_routes
+from facilitator.core.crosscheck import CrossCheckPolicy
+from facilitator.services.crosscheck import CrossChecker
 from facilitator.audit.tokens import require_role
 from facilitator.adapters.sessions import SessionStore
 from facilitator.protocol.fields import to_checksum
@@ -131,10 +134,15 @@ class Facilitator:
         app = build_http_app(self.service, self.metrics, self.readiness, self.settlement_status,
                              _AsyncSettlement(self))
         add_audit_routes(app, self.store.pool, self.settings.api_tokens)
+        add_findings_routes(app, self.store.pool,
+                            og_chain_id=self.settings.og.chain_id if self.settings.og else None)
         app.router.add_post("/settle_data", self.settle_data)
         app.router.add_post("/v1/ops/chains/{network}/resume",
                             require_role("operator")(self.resume_chain))
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # Header limit 32 KiB: an individual /settle_data carries the whole request and
+        # response in `x-settlement-data` (aiohttp's default refuses lines over 8 KiB).
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                                     max_field_size=32 * 1024, max_line_size=32 * 1024)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.settings.host, self.settings.port,
                            reuse_address=True, backlog=1024)
@@ -177,6 +185,7 @@ class Facilitator:
         self._spawn(og.attestations.run(), "attestations")
         if og.relay is not None:
             self._spawn(og.relay.run(), "data-relay")
+        self._spawn(og.crosscheck.run(), "crosscheck")
 
     async def settle_data(self, request: web.Request) -> web.Response:
         """`POST /settle_data` (OpenGradient's facilitator API): one attestation per call."""
@@ -327,6 +336,7 @@ class _OgRuntime:
     attestations: AttestationService
     blobs: BlobStoreClient | None
     relay: DataRelay | None
+    crosscheck: CrossChecker
 
 
 def _build_og(settings: Settings, store: Store, metrics: Metrics) -> _OgRuntime:
@@ -356,7 +366,10 @@ def _build_og(settings: Settings, store: Store, metrics: Metrics) -> _OgRuntime:
                           blobs=blobs, relay_contract=og.settlement_relay, chain_id=og.chain_id,
                           metrics=metrics, batch_size=og.relay_batch_size,
                           batch_age_s=og.relay_batch_age_s)
-    return _OgRuntime(og, chain, watcher, attestations, blobs, relay)
+    crosscheck = CrossChecker(store.pool, metrics,
+                              CrossCheckPolicy(settle_window_s=og.settle_window_s),
+                              og_chain_id=og.chain_id)
+    return _OgRuntime(og, chain, watcher, attestations, blobs, relay, crosscheck)
 
 
 class _AsyncSettlement:

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 
 from facilitator.adapters.logging import configure_logging
 from facilitator.audit.cli import add_audit_parser, run_audit
+from facilitator.audit.crosscheck_cli import add_crosscheck_parser, run_crosscheck
 from facilitator.config import ConfigError, load_settings
 
 log = logging.getLogger("facilitator.cli")
@@ -29,11 +30,24 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("migrate", help="apply database migrations (DATABASE_URL) and exit")
     sub.add_parser("watch", help="run only the chain watchers (confirmations, reorgs)")
     add_audit_parser(sub)
+    add_crosscheck_parser(sub)
     devnet = sub.add_parser("devnet", help="run a local devnet with the facilitator on it")
     devnet.add_argument("--port", type=int, default=4022, help="facilitator port (4022)")
     devnet.add_argument("--rpc-port", type=int, default=8545, help="anvil port (8545)")
     devnet.add_argument("--block-time", type=float, default=None,
                         help="seconds per block (default: a block per transaction)")
+    devnet.add_argument("--og-rpc-port", type=int, default=8546,
+                        help="OpenGradient chain anvil port (8546)")
+    devnet.add_argument("--blobstore-port", type=int, default=4023, help="blob store port (4023)")
+    devnet.add_argument("--gateway-port", type=int, default=4024,
+                        help="TEE gateway emulator port (4024)")
+    demo = sub.add_parser("demo", help="pay the devnet's TEE gateway for chat requests (x402 upto)")
+    demo.add_argument("--requests", type=int, default=20, help="chat requests to send (20)")
+    demo.add_argument("--gateway", default=None, help="gateway URL (default: the manifest's)")
+    demo.add_argument("--payer-index", type=int, default=0, help="manifest payer to use (0)")
+    demo.add_argument("--settlement-type", choices=("batch", "individual", "private"),
+                      default=None, help="X-SETTLEMENT-TYPE sent (default: none, i.e. batch)")
+    demo.add_argument("--manifest", default=None, help="devnet manifest (.devnet/manifest.json)")
     args = parser.parse_args(argv)
     _use_fast_event_loop()
     try:
@@ -99,7 +113,9 @@ async def _devnet(args: argparse.Namespace) -> int:
     from facilitator.devnet.run import Devnet
 
     configure_logging(os.environ.get("FACILITATOR_LOG_LEVEL", "INFO"), "text")
-    devnet = Devnet(port=args.port, rpc_port=args.rpc_port, block_time_s=args.block_time)
+    devnet = Devnet(port=args.port, rpc_port=args.rpc_port, block_time_s=args.block_time,
+                    og_rpc_port=args.og_rpc_port, blobstore_port=args.blobstore_port,
+                    gateway_port=args.gateway_port)
     try:
         manifest = await devnet.start()
         print(json.dumps(manifest, indent=2), flush=True)
@@ -112,6 +128,21 @@ async def _devnet(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _demo(args: argparse.Namespace) -> int:
+    from facilitator.devnet.demo import DemoError, load_manifest, run_demo
+
+    configure_logging(os.environ.get("FACILITATOR_LOG_LEVEL", "WARNING"), "text")
+    try:
+        manifest = load_manifest(args.manifest)
+        summary = await run_demo(manifest=manifest, gateway_url=args.gateway,
+                                 payer_index=args.payer_index, requests=args.requests,
+                                 settlement_type=args.settlement_type)
+    except DemoError as exc:
+        print(f"facilitator demo: {exc}", file=sys.stderr)
+        return 1
+    return 0 if summary.served == summary.requests == summary.verified else 1
+
+
 async def _until_signalled() -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -122,7 +153,7 @@ async def _until_signalled() -> None:
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], Awaitable[int]]] = {
     "serve": _serve, "migrate": _migrate, "devnet": _devnet, "watch": _watch,
-    "audit": run_audit,
+    "audit": run_audit, "crosscheck": run_crosscheck, "demo": _demo,
 }
 
 if __name__ == "__main__":
