@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,7 +35,10 @@ TRANSFER_TOPIC = "0xddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523
 
 async def run_mode(label: str, payments: int, inflight: int, block_time_s: float | None) -> None:
     async with devnet(payers=50, block_time_s=block_time_s,
-                      env={"FACILITATOR_RECEIPT_TIMEOUT_S": "30"}) as bench:
+                      env={"FACILITATOR_RECEIPT_TIMEOUT_S": "30",
+                           "FACILITATOR_DB_POOL_SIZE": os.environ.get("POOL", "20"),
+                           "FACILITATOR_RECEIPT_POLL_INTERVAL_S": os.environ.get("POLL", "0.2")}
+                      ) as bench:
         pay_to = Account.create().address
         bodies = [orjson.dumps(pay(bench.payers[i % len(bench.payers)], pay_to, 1_000 + i))
                   for i in range(payments)]
@@ -57,6 +61,8 @@ async def run_mode(label: str, payments: int, inflight: int, block_time_s: float
             began = time.monotonic()
             await asyncio.gather(*(worker() for _ in range(inflight)))
             elapsed = time.monotonic() - began
+            async with session.get(bench.facilitator_url + "/metrics") as r:
+                exposition = await r.text()
         transfers = await bench.anvil.rpc("eth_getLogs", [{
             "address": bench.usdc, "fromBlock": "0x0", "toBlock": "latest",
             "topics": [TRANSFER_TOPIC, None, "0x" + "00" * 12 + pay_to[2:].lower()]}])
@@ -70,8 +76,22 @@ async def run_mode(label: str, payments: int, inflight: int, block_time_s: float
         ("throughput", f"{ok / elapsed:,.0f} settled/s"),
         ("latency p50", f"{percentile(latencies, 0.50) * 1000:.0f} ms"),
         ("latency p99", f"{percentile(latencies, 0.99) * 1000:.0f} ms"),
+        *((f"phase {phase}", f"{_phase_mean(exposition, phase) * 1000:.0f} ms mean")
+          for phase in ("verify", "request_to_broadcast", "broadcast_to_inclusion")),
     ]))
     print()
+
+
+def _phase_mean(exposition: str, phase: str) -> float:
+    total = count = 0.0
+    for line in exposition.splitlines():
+        if f'phase="{phase}"' not in line:
+            continue
+        if line.startswith("facilitator_settlement_latency_seconds_sum"):
+            total += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("facilitator_settlement_latency_seconds_count"):
+            count += float(line.rsplit(" ", 1)[1])
+    return total / count if count else float("nan")
 
 
 def main() -> None:

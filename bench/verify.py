@@ -56,6 +56,10 @@ async def run(concurrency: int, seconds: float, warmup_s: float, payloads: int) 
             began = time.monotonic()
             await asyncio.gather(*(worker(began + seconds, True) for _ in range(concurrency)))
             elapsed = time.monotonic() - began
+            async with session.get(bench.facilitator_url + "/metrics") as r:
+                exposition = await r.text()
+    rpc_seconds = _mean(exposition, "facilitator_rpc_request_duration_seconds", 'method="eth_call"')
+    batch = _mean(exposition, "facilitator_rpc_batch_size", "")
     print(table([
         ("benchmark", "POST /verify (exact, EIP-3009, valid payloads)"),
         ("concurrency", str(concurrency)),
@@ -66,7 +70,19 @@ async def run(concurrency: int, seconds: float, warmup_s: float, payloads: int) 
         ("latency p50", f"{percentile(latencies, 0.50) * 1000:.1f} ms"),
         ("latency p99", f"{percentile(latencies, 0.99) * 1000:.1f} ms"),
         ("latency max", f"{max(latencies) * 1000:.1f} ms"),
+        ("JSON-RPC round trip", f"{rpc_seconds * 1000:.1f} ms mean (eth_call)"),
+        ("JSON-RPC batch size", f"{batch:.1f} calls per HTTP request (mean)"),
     ]))
+
+
+def _mean(exposition: str, metric: str, selector: str) -> float:
+    """Mean of a histogram from the Prometheus text exposition (sum / count)."""
+    values = {}
+    for line in exposition.splitlines():
+        for part in ("_sum", "_count"):
+            if line.startswith(metric + part) and selector in line:
+                values[part] = values.get(part, 0.0) + float(line.rsplit(" ", 1)[1])
+    return values.get("_sum", 0.0) / values["_count"] if values.get("_count") else float("nan")
 
 
 def main() -> None:

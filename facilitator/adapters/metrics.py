@@ -29,7 +29,8 @@ BATCH_RESULTS = ("valid", "unavailable", "malformed", "root_mismatch", "size_mis
 FINDING_KINDS = ("paid_not_attested", "attested_not_paid", "invalid_tee_signature", "unknown_tee",
                  "tee_disabled", "attestation_not_settled", "amount_mismatch", "payto_mismatch",
                  "duplicate", "late_settlement", "batch_dump_invalid", "unlinked_reconciliation")
-RPC_METHODS = ("eth_blockNumber", "eth_call", "eth_chainId", "eth_estimateGas", "eth_getBalance",
+RPC_METHODS = ("eth_blockNumber", "eth_call", "eth_chainId", "eth_createAccessList",
+               "eth_estimateGas", "eth_getBalance",
                "eth_getBlockByNumber", "eth_getCode", "eth_getLogs", "eth_getTransactionByHash",
                "eth_getTransactionCount", "eth_getTransactionReceipt", "eth_sendRawTransaction")
 AGE_BUCKETS = ("lt_30s", "lt_5m", "lt_1h", "ge_1h")

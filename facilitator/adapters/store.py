@@ -270,13 +270,16 @@ class Store:
             settlement_id, state, reason, message[:1000], tx_hash, block_number)
         return result.endswith(" 1")
 
-    async def count_success_answer(self, settlement_id: int) -> int:
-        """Record one more `success: true` answer for this settlement; returns how many so far
-        (1 = the first). The row lock serialises concurrent answers, so exactly one sees 1."""
-        return int(await self.pool.fetchval("""
+    async def count_success_answer(self, settlement_id: int) -> SettlementRow:
+        """Record one more `success: true` answer for this settled row and return it
+        (`success_answers` 1 = the first). The row lock serialises concurrent answers, so
+        exactly one sees 1."""
+        rec = await self.pool.fetchrow(f"""
             UPDATE settlements SET success_answers = success_answers + 1,
                 success_answered_at = COALESCE(success_answered_at, clock_timestamp())
-            WHERE id = $1 RETURNING success_answers""", settlement_id))
+            WHERE id = $1 RETURNING {SETTLEMENT_COLUMNS}""", settlement_id)
+        invariant(rec is not None, "a claimed row never disappears")
+        return SettlementRow.from_record(rec)
 
     async def mark_needs_resign(self, settlement_id: int) -> bool:
         """signed|broadcast -> pending: these bytes can never be mined (their signer nonce was

@@ -51,6 +51,26 @@ class Scheme(Protocol):
                             ) -> Rejection | ChainApproval: ...
 
 
+# Settlement checks size the gas limit with eth_createAccessList: one EVM execution that also
+# reports gasUsed, where eth_estimateGas binary-searches (five times the node's work on anvil,
+# measured). Nodes without it get eth_estimateGas (see `gas_method_missing`).
+GAS_METHOD = "eth_createAccessList"
+FALLBACK_GAS_METHOD = "eth_estimateGas"
+
+
+def gas_used(result: Any) -> int:
+    """Gas from an eth_createAccessList answer ({gasUsed}) or an eth_estimateGas answer (hex)."""
+    if isinstance(result, dict):
+        return int(result["gasUsed"], 16)
+    return int(result, 16)
+
+
+def gas_method_missing(error: Any) -> bool:
+    text = str(getattr(error, "message", "")).lower()
+    return getattr(error, "code", 0) == -32601 or "not supported" in text or \
+        "method not found" in text or "does not exist" in text
+
+
 def eth_call(to: str, data: bytes, sender: str | None = None) -> dict[str, str]:
     call = {"to": to, "data": "0x" + data.hex()}
     if sender is not None:

@@ -8,7 +8,7 @@ until they pass). Then one batched JSON-RPC round trip that answers, in this pre
   2. the asset has code (positive answers cached, as the SDK does, for 15 minutes)
   3. `authorizationState(payer, nonce)` is callable and false
   4. `balanceOf(payer) >= value`
-  5. the transfer itself succeeds: `eth_call` for /verify, `eth_estimateGas` for /settle
+  5. the transfer itself succeeds: `eth_call` for /verify, `eth_createAccessList` for /settle
      (which also sizes the gas limit). A revert is mapped as the SDK maps it; an unexplained one
      is diagnosed with `name()`/`version()` in a second round trip, as the SDK's multicall does.
 
@@ -41,11 +41,15 @@ from facilitator.protocol.networks import Network
 from facilitator.protocol.reasons import Reason
 from facilitator.ports import Chain, RpcError
 from facilitator.schemes.common import (
+    FALLBACK_GAS_METHOD,
+    GAS_METHOD,
     AssetCodeCache,
     CallBatch,
     ChainApproval,
     Checked,
     eth_call,
+    gas_method_missing,
+    gas_used,
     no_code,
     normalised_v,
     returns_magic,
@@ -76,6 +80,7 @@ class ExactEip3009Scheme:
         self._facilitator = facilitator_address
         self._clock = clock
         self._asset_code = AssetCodeCache(clock)
+        self._gas_method = GAS_METHOD
 
     def check_offchain(self, request: PaymentRequest, *, for_settle: bool = False
                        ) -> Rejection | Checked:
@@ -118,10 +123,12 @@ class ExactEip3009Scheme:
         if verdict is not None:
             return verdict
         transfer = answer["transfer"]
+        if for_settle and isinstance(transfer, RpcError) and gas_method_missing(transfer):
+            self._gas_method = FALLBACK_GAS_METHOD  # this node lacks eth_createAccessList
+            return await self.check_onchain(checked, for_settle=True)
         if isinstance(transfer, RpcError):
             return await self._diagnose_revert(checked, transfer)
-        gas = int(transfer, 16) if for_settle else None
-        return ChainApproval(gas_estimate=gas)
+        return ChainApproval(gas_estimate=gas_used(transfer) if for_settle else None)
 
     def _onchain_calls(self, checked: Checked, for_settle: bool) -> CallBatch:
         intent = checked.intent
@@ -137,7 +144,7 @@ class ExactEip3009Scheme:
         batch.add("balance", "eth_call",
                   [eth_call(intent.asset, abi.balance_of(intent.payer)), "latest"])
         transfer = eth_call(intent.asset, intent.calldata, sender=self._facilitator)
-        batch.add("transfer", "eth_estimateGas" if for_settle else "eth_call",
+        batch.add("transfer", self._gas_method if for_settle else "eth_call",
                   [transfer, "latest"])
         return batch
 

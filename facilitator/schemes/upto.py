@@ -8,7 +8,7 @@ Verification: the pure checks of `facilitator.core.permit2`, then one batched ro
 answers, in this precedence: ERC-1271 signature (only when ECDSA did not match), asset has
 code, the Permit2 nonce is unused (`nonceBitmap`), `allowance(owner, Permit2)` and
 `balanceOf(owner)` cover the amount, and a simulation of `proxy.settle(...)` from our signer
-succeeds (`eth_estimateGas` when settling, which also sizes the gas limit).
+succeeds (`eth_createAccessList` when settling, which also sizes the gas limit).
 
 At settle: the amount is the settle-time requirements' amount; it must not exceed the cap
 (`invalid_upto_evm_payload_settlement_exceeds_amount`); 0 settles without a transaction.
@@ -41,11 +41,15 @@ from facilitator.protocol.networks import Network
 from facilitator.protocol.permit2 import UptoPayload, parse_upto_payload
 from facilitator.protocol.reasons import Reason
 from facilitator.schemes.common import (
+    FALLBACK_GAS_METHOD,
+    GAS_METHOD,
     AssetCodeCache,
     CallBatch,
     ChainApproval,
     Checked,
     eth_call,
+    gas_method_missing,
+    gas_used,
     no_code,
     normalised_v,
     returns_magic,
@@ -73,6 +77,7 @@ class UptoPermit2Scheme:
         self._facilitator = facilitator_address.lower()
         self._clock = clock
         self._asset_code = AssetCodeCache(clock)
+        self._gas_method = GAS_METHOD
 
     def check_offchain(self, request: PaymentRequest, *, for_settle: bool = False
                        ) -> Rejection | Checked:
@@ -125,11 +130,14 @@ class UptoPermit2Scheme:
         if verdict is not None:
             return verdict
         simulation = answer["settle"]
+        if for_settle and isinstance(simulation, RpcError) and gas_method_missing(simulation):
+            self._gas_method = FALLBACK_GAS_METHOD  # this node lacks eth_createAccessList
+            return await self.check_onchain(checked, for_settle=True)
         if isinstance(simulation, RpcError):
             revert = abi.decode_revert(simulation.data, simulation.message)
             return Rejection(classify_proxy_revert(revert) or Reason.UPTO_TRANSACTION_FAILED,
                              revert)
-        return ChainApproval(gas_estimate=int(simulation, 16) if for_settle else None)
+        return ChainApproval(gas_estimate=gas_used(simulation) if for_settle else None)
 
     def _onchain_calls(self, checked: Checked, for_settle: bool) -> CallBatch:
         intent = checked.intent
@@ -149,7 +157,7 @@ class UptoPermit2Scheme:
         batch.add("balance", "eth_call",
                   [eth_call(intent.asset, abi.balance_of(intent.payer)), "latest"])
         settle = eth_call(intent.call_to, intent.calldata, sender=self._facilitator)
-        batch.add("settle", "eth_estimateGas" if for_settle else "eth_call", [settle, "latest"])
+        batch.add("settle", self._gas_method if for_settle else "eth_call", [settle, "latest"])
         return batch
 
     def _judge_asset(self, intent: SettlementIntent, answer: dict[str, Any]) -> Rejection | None:

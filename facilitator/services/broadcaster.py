@@ -39,6 +39,7 @@ from facilitator.invariant import invariant
 log = logging.getLogger("facilitator.broadcaster")
 
 FILLER_GAS = 21_000
+VIEW_MAX_AGE_S = 1.0
 MAX_RESIGNS = 3
 
 
@@ -83,6 +84,8 @@ class Broadcaster:
         self._queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=policy.queue_max)
         self._next_nonce: int | None = None
         self._balance_read_at = float("-inf")
+        self._view: _ChainView | None = None
+        self._view_read_at = float("-inf")
         self.on_sent: Callable[[Job, SignedTx, bool], None] = lambda job, tx, known: None
         self.reserved_wei: Callable[[], int] = lambda: 0
 
@@ -127,13 +130,31 @@ class Broadcaster:
                 await self._fail_unsent(batch, "internal error while broadcasting")
 
     async def _process(self, batch: list[Job]) -> None:
-        view = await self._read_chain()
+        view = await self._chain_view()
+        if self._tight(view, batch):
+            self._view = None  # close to empty: decide on a fresh balance, not a cached one
+            view = await self._chain_view()
         self._next_nonce = max(self._next_nonce or 0, view.pending_nonce)
         max_fee = self._max_fee(view.base_fee)
         affordable = await self._refuse_unaffordable(batch, view.balance, max_fee)
         signed = await self._sign_and_store(affordable, max_fee)
         if signed:
             await self._send(signed)
+
+    def _tight(self, view: _ChainView, batch: list[Job]) -> bool:
+        cost = sum(job.gas_limit for job in batch) * self._max_fee(view.base_fee)
+        return view.balance - self.reserved_wei() < 4 * cost
+
+    async def _chain_view(self) -> _ChainView:
+        """Fee, balance and pending nonce, read at most once per `VIEW_MAX_AGE_S`: a batch
+        every few milliseconds under load must not wait for a round trip each time. Stale by
+        under a block is safe: the nonce never moves below our own allocator, and the balance
+        check already reserves the cost of everything in flight."""
+        now = time.monotonic()
+        if self._view is None or now - self._view_read_at > VIEW_MAX_AGE_S:
+            self._view = await self._read_chain()
+            self._view_read_at = now
+        return self._view
 
     async def _read_chain(self) -> _ChainView:
         block, balance, pending = await self._chain.request_many([
@@ -240,18 +261,31 @@ class Broadcaster:
                 else:
                     await self._resign(job, "nonce_taken")
                 continue
-            self._metrics.settlement_failures.labels(self.network.key, "send_rejected").inc()
-            await self._fail(job, Reason.UNEXPECTED_SETTLE_ERROR,
-                             f"node refused the settlement transaction: {error.message[:200]}")
+            await self._refused(job, error)
             if tx.fields.nonce < highest_sent:
                 await self.fill_nonce(tx.fields.nonce, tx.fields.max_fee_per_gas)
             else:
                 reusable.append(tx.fields.nonce)
         await self._resync_nonce("send_rejected", min(reusable, default=None))
 
+    async def _refused(self, job: Job, error: RpcError) -> None:
+        """The node refused the transaction. An empty signer (drained since our last balance
+        read) is reported as such: it is the operator's problem, not the payment's."""
+        if "insufficient funds" in error.message.lower():
+            self._metrics.signer_underfunded.labels(self.network.key).inc()
+            self._metrics.settlement_failures.labels(self.network.key, "signer_underfunded").inc()
+            await self._fail(job, Reason.UNEXPECTED_SETTLE_ERROR,
+                             f"facilitator signer {self.key.address} cannot pay gas for this "
+                             "settlement; settlement refused (operator: fund the signer)")
+            return
+        self._metrics.settlement_failures.labels(self.network.key, "send_rejected").inc()
+        await self._fail(job, Reason.UNEXPECTED_SETTLE_ERROR,
+                         f"node refused the settlement transaction: {error.message[:200]}")
+
     async def _resync_nonce(self, cause: str, reusable: int | None) -> None:
         """Re-read the chain's pending nonce; never allocate below it, and reuse our lowest
         refused nonce when nothing above it was sent (so no hole forms)."""
+        self._view = None  # fee, balance and nonce are read afresh for the next batch
         self._metrics.signer_nonce_resets.labels(self.network.key, cause).inc()
         chain_nonce = int(await self._chain.request(
             "eth_getTransactionCount", [self.address, "pending"]), 16)

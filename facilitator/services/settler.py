@@ -218,23 +218,24 @@ class Settler:
     async def _answer(self, settlement_id: int, outcome: Outcome | None, wire_network: str,
                       payer: str) -> SettleResponse:
         """The response for an outcome; None (no outcome in time) answers from the row."""
+        if isinstance(outcome, Settled):
+            return self._success(await self._store.count_success_answer(settlement_id),
+                                 "0x" + outcome.tx_hash.hex(), wire_network, payer)
         row = await self._store.get(settlement_id)
         invariant(row is not None, "a claimed row never disappears")
         if outcome is None or isinstance(outcome, Unknown):
             return await self._answer_from_row(row, wire_network, payer)
-        if isinstance(outcome, Settled):
-            return await self._success(row, "0x" + outcome.tx_hash.hex(), wire_network, payer)
         return SettleResponse(success=False, network=wire_network, error_reason=outcome.reason,
                               error_message=outcome.message, payer=payer, amount=_amount(row),
                               transaction="0x" + outcome.tx_hash.hex() if outcome.tx_hash else "",
                               extensions=_extensions(row.public_id, row.state))
 
-    async def _success(self, row: SettlementRow, transaction: str, wire_network: str,
-                       payer: str) -> SettleResponse:
-        """A success answer, subject to the duplicate policy: the first success is always
-        given; a repeat replays it ("replay") or is refused as a used nonce ("reject")."""
-        answers = await self._store.count_success_answer(row.id)
-        if answers > 1:
+    def _success(self, row: SettlementRow, transaction: str, wire_network: str,
+                 payer: str) -> SettleResponse:
+        """A success answer for a row whose answer was just counted, subject to the duplicate
+        policy: the first success is always given; a repeat replays it ("replay") or is refused
+        as a used nonce ("reject")."""
+        if row.success_answers > 1:
             self._metrics.settle_replays.labels(self.network.key, self._policy.duplicates).inc()
             if self._policy.duplicates == "reject":
                 return SettleResponse(
@@ -249,7 +250,8 @@ class Settler:
     async def _answer_from_row(self, row: SettlementRow, wire_network: str, payer: str
                                ) -> SettleResponse:
         if row.state in SETTLED:
-            return await self._success(row, row.tx_hash_hex, wire_network, payer)
+            counted = await self._store.count_success_answer(row.id)
+            return self._success(counted, counted.tx_hash_hex, wire_network, payer)
         if row.state in IN_FLIGHT:
             return SettleResponse(
                 success=False, network=wire_network, error_reason=Reason.SETTLEMENT_PENDING,
