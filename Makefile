@@ -38,6 +38,8 @@ test: bootstrap $(SYS_STAMP)
 bench: bootstrap
 	$(BIN)/python bench/verify.py
 	$(BIN)/python bench/settle.py
+	$(BIN)/python bench/attestations.py
+	$(BIN)/python bench/export.py
 
 contracts: $(NPM_STAMP)
 	node contracts/compile.js

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-import asyncpg
 from eth_account import Account
 
 from facilitator.devnet import contracts
@@ -41,6 +40,8 @@ class Bench:
     facilitator_url: str
     signer_key: str
     payers: list
+    dsn: str
+    pid: int  # the facilitator process
 
 
 @asynccontextmanager
@@ -71,7 +72,7 @@ async def devnet(*, payers: int, block_time_s: float | None = None,
             stdout=asyncio.subprocess.DEVNULL, stderr=open(workdir / "facilitator.log", "wb"))
         url = f"http://127.0.0.1:{port}"
         await _wait_ready(url)
-        yield Bench(anvil, usdc, url, signer_key, accounts)
+        yield Bench(anvil, usdc, url, signer_key, accounts, dsn, process.pid)
     finally:
         if process is not None and process.returncode is None:
             process.terminate()
@@ -107,10 +108,11 @@ def table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-async def count_rows(dsn: str, sql: str) -> int:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return int(await conn.fetchval(sql))
-    finally:
-        await conn.close()
-
+def histogram_mean(exposition: str, metric: str, selector: str) -> float:
+    """Mean of a histogram from the Prometheus text exposition (sum / count)."""
+    values = {}
+    for line in exposition.splitlines():
+        for part in ("_sum", "_count"):
+            if line.startswith(metric + part) and selector in line:
+                values[part] = values.get(part, 0.0) + float(line.rsplit(" ", 1)[1])
+    return values.get("_sum", 0.0) / values["_count"] if values.get("_count") else float("nan")

@@ -26,10 +26,11 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import devnet, percentile, table  # noqa: E402
+from common import devnet, histogram_mean, percentile, table  # noqa: E402
 from eth_account import Account  # noqa: E402
 from harness import pay  # noqa: E402
 
+RPC_METHODS = ("eth_createAccessList", "eth_sendRawTransaction", "eth_getTransactionReceipt")
 TRANSFER_TOPIC = "0xddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"
 
 
@@ -78,20 +79,18 @@ async def run_mode(label: str, payments: int, inflight: int, block_time_s: float
         ("latency p99", f"{percentile(latencies, 0.99) * 1000:.0f} ms"),
         *((f"phase {phase}", f"{_phase_mean(exposition, phase) * 1000:.0f} ms mean")
           for phase in ("verify", "request_to_broadcast", "broadcast_to_inclusion")),
+        *((f"rpc {method}", f"{_rpc_mean(exposition, method) * 1000:.1f} ms mean")
+          for method in RPC_METHODS),
     ]))
     print()
 
 
 def _phase_mean(exposition: str, phase: str) -> float:
-    total = count = 0.0
-    for line in exposition.splitlines():
-        if f'phase="{phase}"' not in line:
-            continue
-        if line.startswith("facilitator_settlement_latency_seconds_sum"):
-            total += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("facilitator_settlement_latency_seconds_count"):
-            count += float(line.rsplit(" ", 1)[1])
-    return total / count if count else float("nan")
+    return histogram_mean(exposition, "facilitator_settlement_latency_seconds", f'phase="{phase}"')
+
+
+def _rpc_mean(exposition: str, method: str) -> float:
+    return histogram_mean(exposition, "facilitator_rpc_request_duration_seconds", f'method="{method}"')
 
 
 def main() -> None:

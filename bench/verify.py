@@ -6,7 +6,7 @@ CPU 1. Payloads are signed before the clock starts (signing is the client's cost
 A closed loop of `--concurrency` workers posts distinct valid payloads for `--seconds` after a
 warm-up; every answer must be `isValid: true`. Prints one table.
 
-    .venv/bin/python bench/verify.py [--concurrency 64] [--seconds 20] [--payloads 4000]
+    .venv/bin/python bench/verify.py [--concurrency 32] [--seconds 20] [--payloads 4000]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import devnet, percentile, table  # noqa: E402
+from common import devnet, histogram_mean, percentile, table  # noqa: E402
 from eth_account import Account  # noqa: E402
 from harness import pay  # noqa: E402
 
@@ -58,8 +58,8 @@ async def run(concurrency: int, seconds: float, warmup_s: float, payloads: int) 
             elapsed = time.monotonic() - began
             async with session.get(bench.facilitator_url + "/metrics") as r:
                 exposition = await r.text()
-    rpc_seconds = _mean(exposition, "facilitator_rpc_request_duration_seconds", 'method="eth_call"')
-    batch = _mean(exposition, "facilitator_rpc_batch_size", "")
+    rpc_seconds = histogram_mean(exposition, "facilitator_rpc_request_duration_seconds", 'method="eth_call"')
+    batch = histogram_mean(exposition, "facilitator_rpc_batch_size", "")
     print(table([
         ("benchmark", "POST /verify (exact, EIP-3009, valid payloads)"),
         ("concurrency", str(concurrency)),
@@ -75,19 +75,9 @@ async def run(concurrency: int, seconds: float, warmup_s: float, payloads: int) 
     ]))
 
 
-def _mean(exposition: str, metric: str, selector: str) -> float:
-    """Mean of a histogram from the Prometheus text exposition (sum / count)."""
-    values = {}
-    for line in exposition.splitlines():
-        for part in ("_sum", "_count"):
-            if line.startswith(metric + part) and selector in line:
-                values[part] = values.get(part, 0.0) + float(line.rsplit(" ", 1)[1])
-    return values.get("_sum", 0.0) / values["_count"] if values.get("_count") else float("nan")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--payloads", type=int, default=4000)

@@ -222,13 +222,15 @@ class Facilitator:
             checks["database"] = "ok"
         except Exception as exc:  # noqa: BLE001 - reported, not raised
             checks["database"] = f"unavailable: {type(exc).__name__}"
-        for key, runtime in self.networks.items():
-            try:
-                await asyncio.wait_for(_check_chain_id(runtime), 3.0)
-                checks[f"rpc:{key}"] = "ok"
-            except Exception as exc:  # noqa: BLE001
-                checks[f"rpc:{key}"] = f"unavailable: {type(exc).__name__}"
-        return {"ready": all(v == "ok" for v in checks.values()), "checks": checks}
+        chains = [(key, r.chain, r.settings.network.chain_id) for key, r in self.networks.items()]
+        for key, chain, chain_id in chains:
+            checks[f"rpc:{key}"] = await _chain_check(chain, chain_id)
+        ready = all(v == "ok" for v in checks.values())
+        if self.og is not None:
+            # Reported, but not part of readiness: payments do not depend on the OpenGradient
+            # chain, and a load balancer must not stop sending them because it is down.
+            checks[f"rpc:{OG_KEY}"] = await _chain_check(self.og.chain, self.og.settings.chain_id)
+        return {"ready": ready, "checks": checks}
 
     async def settlement_status(self, key: str) -> dict[str, Any] | None:
         row = await self.store.find(key)
@@ -432,6 +434,15 @@ async def _check_chain_id(runtime: _NetworkRuntime) -> None:
     if actual != expected:
         raise StartupError(f"RPC for {runtime.settings.network.key} serves chain {actual}, "
                            f"expected {expected}")
+
+
+async def _chain_check(chain: JsonRpcClient, expected: int) -> str:
+    """"ok", or why not (never the URL: it may hold an API key)."""
+    try:
+        actual = int(await asyncio.wait_for(chain.request("eth_chainId", []), 3.0), 16)
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        return f"unavailable: {type(exc).__name__}"
+    return "ok" if actual == expected else f"wrong chain: {actual}, expected {expected}"
 
 
 def _bound_port(runner: web.AppRunner) -> int | None:
