@@ -22,7 +22,7 @@ import aiohttp
 from eth_account import Account
 
 from facilitator.devnet import contracts
-from facilitator.devnet.anvil import DEV_KEYS, REPO_ROOT, Anvil, free_port
+from facilitator.devnet.anvil import DEV_KEYS, Anvil, free_port
 from facilitator.devnet.postgres import PostgresCluster
 
 CHAIN_ID = 84532

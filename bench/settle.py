@@ -90,7 +90,8 @@ def _phase_mean(exposition: str, phase: str) -> float:
 
 
 def _rpc_mean(exposition: str, method: str) -> float:
-    return histogram_mean(exposition, "facilitator_rpc_request_duration_seconds", f'method="{method}"')
+    return histogram_mean(exposition, "facilitator_rpc_request_duration_seconds",
+                          f'method="{method}"')
 
 
 def main() -> None:

@@ -58,7 +58,8 @@ async def run(concurrency: int, seconds: float, warmup_s: float, payloads: int) 
             elapsed = time.monotonic() - began
             async with session.get(bench.facilitator_url + "/metrics") as r:
                 exposition = await r.text()
-    rpc_seconds = histogram_mean(exposition, "facilitator_rpc_request_duration_seconds", 'method="eth_call"')
+    rpc_seconds = histogram_mean(exposition, "facilitator_rpc_request_duration_seconds",
+                                 'method="eth_call"')
     batch = histogram_mean(exposition, "facilitator_rpc_batch_size", "")
     print(table([
         ("benchmark", "POST /verify (exact, EIP-3009, valid payloads)"),

@@ -254,7 +254,8 @@ def _og_settings(env: Mapping[str, str], read: _Reader) -> OgSettings | None:
     if relay_on:
         raw = env.get("FACILITATOR_OG_SIGNER_KEY", "")
         if not raw:
-            raise ConfigError("FACILITATOR_OG_SIGNER_KEY is required when FACILITATOR_DATA_RELAY=on")
+            raise ConfigError(
+                "FACILITATOR_OG_SIGNER_KEY is required when FACILITATOR_DATA_RELAY=on")
         try:
             signer = SignerKey.from_hex(raw)
         except SignerKeyError as exc:

@@ -115,7 +115,8 @@ class JsonRpcClient:
         while self._queue:
             batch: list[_Group] = []
             size = 0
-            while self._queue and (not batch or size + len(self._queue[0].calls) <= self._max_batch):
+            while self._queue and (
+                    not batch or size + len(self._queue[0].calls) <= self._max_batch):
                 group = self._queue.popleft()
                 batch.append(group)
                 size += len(group.calls)
@@ -185,7 +186,8 @@ class JsonRpcClient:
             elif not group.future.done():
                 group.future.set_result(results)
         if missing:
-            self._retry_or_fail(missing, RpcUnavailable(f"{self._chain}: answer missing from batch"))
+            self._retry_or_fail(missing, RpcUnavailable(
+                f"{self._chain}: answer missing from batch"))
 
     def _result(self, method: str, answer: dict[str, Any]) -> Any:
         error = answer.get("error")

@@ -149,7 +149,8 @@ class Metrics:
         self.crosscheck_runs = Counter(
             f"{NS}_crosscheck_runs", "Cross-check passes, by result.", ["result"], registry=r)
         self.db_pool_connections = Gauge(
-            f"{NS}_db_pool_connections", "Database pool connections by state (in_use | idle | max).",
+            f"{NS}_db_pool_connections",
+            "Database pool connections by state (in_use | idle | max).",
             ["state"], registry=r)
 
         self._initialise(networks, causes)

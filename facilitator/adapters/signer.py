@@ -52,7 +52,8 @@ class SignerKey:
     def from_file(cls, path: Path) -> SignerKey:
         mode = path.stat().st_mode
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise SignerKeyError(f"key file {path} must not be readable by group or others (chmod 600)")
+            raise SignerKeyError(f"key file {path} must not be readable by group or others "
+                                 "(chmod 600)")
         return cls.from_hex(path.read_text())
 
     def sign(self, digest: bytes) -> bytes:

@@ -249,7 +249,8 @@ class Store:
                 log_index = u.log_index, settled_by = u.settled_by,
                 included_at = clock_timestamp()
             FROM unnest($1::bigint[], $2::bytea[], $3::bigint[], $4::bytea[], $5::int[],
-                        $6::text[]) AS u(id, tx_hash, block_number, block_hash, log_index, settled_by)
+                        $6::text[])
+                     AS u(id, tx_hash, block_number, block_hash, log_index, settled_by)
             WHERE s.id = u.id AND s.state IN ('pending', 'signed', 'broadcast')
             RETURNING s.id""",
             [b.settlement_id for b in batch], [b.tx_hash for b in batch],

@@ -63,7 +63,8 @@ def _scheme(ctx: ExactContext) -> Rejection | None:
 def _network(ctx: ExactContext) -> Rejection | None:
     if ctx.request.network != ctx.request.requirements.network:
         return Rejection(Reason.NETWORK_MISMATCH,
-                         f"paid on {ctx.request.network}, required {ctx.request.requirements.network}")
+                         f"paid on {ctx.request.network}, "
+                         f"required {ctx.request.requirements.network}")
     return None
 
 
@@ -91,7 +92,8 @@ def _eip712_domain(ctx: ExactContext) -> Rejection | None:
 
 def _recipient(ctx: ExactContext) -> Rejection | None:
     if ctx.payment.authorization.pay_to != ctx.request.requirements.pay_to:
-        return Rejection(Reason.RECIPIENT_MISMATCH, "authorization.to is not the requirements' payTo")
+        return Rejection(Reason.RECIPIENT_MISMATCH,
+                         "authorization.to is not the requirements' payTo")
     return None
 
 

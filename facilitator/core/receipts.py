@@ -41,7 +41,8 @@ def receipt_succeeded(receipt: dict[str, Any]) -> bool:
     return int(receipt.get("status") or "0x0", 16) == 1
 
 
-def authorization_used_filter(asset: str, payer: str, nonce: bytes, from_block: int) -> dict[str, Any]:
+def authorization_used_filter(asset: str, payer: str, nonce: bytes, from_block: int
+                              ) -> dict[str, Any]:
     """eth_getLogs filter for the EIP-3009 AuthorizationUsed(payer, nonce) event of an asset."""
     return {"address": asset, "fromBlock": hex(max(from_block, 0)), "toBlock": "latest",
             "topics": ["0x" + AUTHORIZATION_USED_TOPIC.hex(), "0x" + "00" * 12 + payer[2:],

@@ -65,7 +65,8 @@ def can_transition(current: State, target: State) -> bool:
 
 
 def require_transition(current: State, target: State) -> None:
-    invariant(can_transition(current, target), f"illegal settlement transition {current} -> {target}")
+    invariant(can_transition(current, target),
+              f"illegal settlement transition {current} -> {target}")
 
 
 class SettledBy(StrEnum):

@@ -109,7 +109,8 @@ class Anvil:
             if chain_id == self.chain_id:
                 return
             if chain_id is not None:
-                raise AnvilError(f"port {self.port} answers chain id {chain_id}, not {self.chain_id}")
+                raise AnvilError(
+                    f"port {self.port} answers chain id {chain_id}, not {self.chain_id}")
             if asyncio.get_running_loop().time() > deadline:
                 raise AnvilError(f"anvil did not answer within {START_TIMEOUT_S} s")
             await asyncio.sleep(0.02)

@@ -135,7 +135,8 @@ async def settlement_status(request: web.Request) -> web.Response:
     if key.startswith(JOB_PREFIX):
         return await _job_status(request, key)
     if not _is_settlement_key(key):
-        return bad_request("id", "must be a settlement id (uuid) or a transaction hash (0x + 64 hex)")
+        return bad_request(
+            "id", "must be a settlement id (uuid) or a transaction hash (0x + 64 hex)")
     found = await request.app[STATUS_KEY](key)
     if found is None:
         return json_response({"error": "not_found", "message": f"no settlement {key}"}, 404)

@@ -67,7 +67,8 @@ def uint256_decimal(value: Any, field: str) -> int:
         raise BadRequest(field, "must be a string of decimal digits")
     if not _DECIMAL.fullmatch(value):
         raise BadRequest(
-            field, "must be a decimal integer string without sign, spaces, separators or leading zeros")
+            field, "must be a decimal integer string without sign, spaces, separators or "
+                   "leading zeros")
     number = int(value)
     if number > UINT256_MAX:
         raise BadRequest(field, "must not exceed 2**256 - 1")
@@ -84,7 +85,8 @@ def address(value: Any, field: str) -> str:
     return "0x" + body.lower()
 
 
-def hex_bytes(value: Any, field: str, *, length: int | None = None, max_length: int = 8192) -> bytes:
+def hex_bytes(value: Any, field: str, *, length: int | None = None,
+              max_length: int = 8192) -> bytes:
     """0x-prefixed hex; `length` demands an exact byte length."""
     if not isinstance(value, str) or not _HEX.fullmatch(value):
         raise BadRequest(field, "must be 0x-prefixed hex with an even number of digits")

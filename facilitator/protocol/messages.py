@@ -1,7 +1,8 @@
 """The `/verify` and `/settle` request body, x402 v1 and v2, parsed into one internal shape.
 
 Body: `{x402Version, paymentPayload, paymentRequirements}`.
-- v2: `paymentPayload = {x402Version: 2, accepted: <requirements>, payload, resource?, extensions?}`,
+- v2: `paymentPayload = {x402Version: 2, accepted: <requirements>, payload, resource?,
+  extensions?}`,
   requirements carry `amount`.
 - v1: `paymentPayload = {x402Version: 1, scheme, network, payload}`, requirements carry
   `maxAmountRequired`, `resource`, `description`, and `extra` may arrive as a JSON string.
@@ -64,7 +65,8 @@ def parse_request(body: Any) -> PaymentRequest | UnsupportedVersion:
     version = f.integer(
         f.member(payment, "x402Version", "paymentPayload"), "paymentPayload.x402Version",
         maximum=1_000)
-    # The SDK clients send a top-level copy; the spec's examples omit it. When present it must agree.
+    # The SDK clients send a top-level copy; the spec's examples omit it. When present it
+    # must agree.
     if body.get("x402Version") is not None:
         if f.integer(body["x402Version"], "x402Version", maximum=1_000) != version:
             raise BadRequest("x402Version", "must equal paymentPayload.x402Version")

@@ -114,7 +114,8 @@ class ExactEip3009Scheme:
                 auth.payer, auth.pay_to, auth.value, auth.valid_after, auth.valid_before,
                 auth.nonce, payment.signature))
 
-    async def check_onchain(self, checked: Checked, *, for_settle: bool) -> Rejection | ChainApproval:
+    async def check_onchain(self, checked: Checked, *, for_settle: bool
+                            ) -> Rejection | ChainApproval:
         """One batched round trip. Raises `RpcUnavailable` when the chain cannot be reached."""
         batch = self._onchain_calls(checked, for_settle)
         answer = batch.answers(await self._chain.request_many(batch.calls))

@@ -247,7 +247,8 @@ class Broadcaster:
             for job, tx in accepted:
                 self.on_sent(job, tx, True)
         if problems:
-            await self._handle_rejections(problems, sent_nonces=[t.fields.nonce for _, t in accepted])
+            await self._handle_rejections(
+                problems, sent_nonces=[t.fields.nonce for _, t in accepted])
 
     async def _handle_rejections(self, problems: list[tuple[Job, SignedTx, RpcError]],
                                  sent_nonces: list[int]) -> None:

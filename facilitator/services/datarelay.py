@@ -159,7 +159,8 @@ class DataRelay:
         await self._store.advance(submission.id, "included" if ok else "failed",
                                   block_number=int(receipt["blockNumber"], 16),
                                   error=None if ok else "reverted")
-        self._metrics.relay_submissions.labels(submission.kind, "included" if ok else "failed").inc()
+        self._metrics.relay_submissions.labels(
+            submission.kind, "included" if ok else "failed").inc()
         if not ok:
             log.warning("relay submission %d reverted on the OpenGradient chain", submission.id)
         return True

@@ -213,7 +213,8 @@ class FacilitatorService:
                       response: VerifyResponse, started: float) -> None:
         scheme, net = _labels(request, network)
         result = "valid" if response.is_valid else "invalid"
-        self._metrics.verify_total.labels(scheme, net, result, _reason_label(response.invalid_reason)).inc()
+        self._metrics.verify_total.labels(
+            scheme, net, result, _reason_label(response.invalid_reason)).inc()
         self._metrics.verify_seconds.labels(scheme, net).observe(time.monotonic() - started)
 
     def _count_settle(self, request: PaymentRequest | None, network: Network | None,
@@ -225,7 +226,8 @@ class FacilitatorService:
             result = "pending"
         else:
             result = "failed"
-        self._metrics.settle_total.labels(scheme, net, result, _reason_label(response.error_reason)).inc()
+        self._metrics.settle_total.labels(
+            scheme, net, result, _reason_label(response.error_reason)).inc()
         self._metrics.settle_seconds.labels(scheme, net).observe(time.monotonic() - started)
 
 

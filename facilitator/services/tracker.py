@@ -172,8 +172,9 @@ class Tracker:
             log_index = find_transfer_log(receipt, item.expected)
             if log_index is not None:
                 return _inclusion(item.settlement_id, receipt, log_index, SettledBy.FACILITATOR)
-            await self._finish_failed(item, Reason.TRANSFER_EVENT_MISMATCH,
-                                      "receipt has no Transfer(payer, payTo, amount) from the asset")
+            await self._finish_failed(
+                item, Reason.TRANSFER_EVENT_MISMATCH,
+                "receipt has no Transfer(payer, payTo, amount) from the asset")
             return None
         external = await self._find_external_settlement(item, receipt)
         if external is not None:

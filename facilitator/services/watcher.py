@@ -167,7 +167,8 @@ class ChainWatcher:
         logs = await self._read_logs(blocks[0].number, blocks[-1].number)
         by_number = {b.number: b.hash for b in blocks}
         for entry in logs:  # a log from a block we did not read means the chain moved
-            if by_number.get(int(entry["blockNumber"], 16)) != bytes.fromhex(entry["blockHash"][2:]):
+            block_hash = bytes.fromhex(entry["blockHash"][2:])
+            if by_number.get(int(entry["blockNumber"], 16)) != block_hash:
                 raise ReorgDuringRead()
         derive = await self._processor.prepare(blocks, logs)
         result = await self._state.commit_blocks(blocks, derive)

@@ -88,8 +88,8 @@ async def test_forged_and_disabled_tee_attestations_are_flagged(og, facilitator_
 
 async def test_settlement_events_from_strangers_are_ignored(og, facilitator_factory,
                                                              database_url):
-    facilitator = await facilitator_factory(FACILITATOR_WATCHER_POLL_INTERVAL_S="0.1",
-                                            **og.env(FACILITATOR_DATA_RELAY="off"))
+    await facilitator_factory(FACILITATOR_WATCHER_POLL_INTERVAL_S="0.1",
+                              **og.env(FACILITATOR_DATA_RELAY="off"))
     stranger_key = "0x" + "5a" * 32
     stranger = Account.from_key(stranger_key).address
     await og.anvil.rpc("anvil_setBalance", [stranger, hex(10**20)])
@@ -147,6 +147,10 @@ async def test_individual_attestation_is_settled_with_its_record(og, facilitator
     await wait_until(valid, what="the individual record's hashes to be recomputed")
 
 
+WRONG_ROOT_BATCH = ("SELECT dump_status FROM og_batches WHERE merkle_root = '\\x"
+                    + "44" * 32 + "'")
+
+
 async def test_a_dump_that_does_not_match_its_root_is_recorded(og, facilitator_factory,
                                                                database_url):
     from facilitator.adapters.blobstore import BlobStoreClient
@@ -154,8 +158,8 @@ async def test_a_dump_that_does_not_match_its_root_is_recorded(og, facilitator_f
     from facilitator.core.merkle import StandardMerkleTree
     from facilitator.core.og_events import batch_settle_call
 
-    facilitator = await facilitator_factory(FACILITATOR_WATCHER_POLL_INTERVAL_S="0.1",
-                                            **og.env(FACILITATOR_DATA_RELAY="off"))
+    await facilitator_factory(FACILITATOR_WATCHER_POLL_INTERVAL_S="0.1",
+                              **og.env(FACILITATOR_DATA_RELAY="off"))
     leaf = ("0x" + "01" * 32, "0x" + "02" * 32, "0x" + "03" * 32, "0x" + "04" * 256, "1")
     tree = StandardMerkleTree.of([leaf], LEAF_ENCODING)
     client = BlobStoreClient(og.blob_url)
@@ -166,12 +170,10 @@ async def test_a_dump_that_does_not_match_its_root_is_recorded(og, facilitator_f
                              batch_settle_call(b"\x44" * 32, 1, blob_id))  # wrong root
 
     async def checked() -> bool:
-        found = await rows(database_url, "SELECT dump_status FROM og_batches WHERE "
-                                         "merkle_root = '\\x4444444444444444444444444444444444444444444444444444444444444444'")
+        found = await rows(database_url, WRONG_ROOT_BATCH)
         return bool(found) and found[0]["dump_status"] != "pending"
     await wait_until(checked, timeout_s=20, what="the dump check")
-    [batch] = await rows(database_url, "SELECT dump_status FROM og_batches WHERE "
-                                       "merkle_root = '\\x4444444444444444444444444444444444444444444444444444444444444444'")
+    [batch] = await rows(database_url, WRONG_ROOT_BATCH)
     assert batch["dump_status"] == "root_mismatch"
     assert not await rows(database_url, "SELECT * FROM og_batch_leaves l JOIN og_batches b "
                           "ON b.id = l.batch_id WHERE b.dump_status <> 'valid'")

@@ -83,7 +83,8 @@ async def test_two_hundred_concurrent_payments_settle_without_nonce_errors(
     assert len({a["transaction"] for a in answers}) == 200
     assert len(await chain.transfer_logs_to(pay_to)) == 200
     assert await chain.token_balance(pay_to) == sum(1_000 + i for _ in payers for i in range(10))
-    signer_nonce = int(await chain.rpc("eth_getTransactionCount", [facilitator.signer, "latest"]), 16)
+    signer_nonce = int(await chain.rpc("eth_getTransactionCount",
+                                       [facilitator.signer, "latest"]), 16)
     assert signer_nonce == 200, "one transaction per payment, no gaps, no retries"
     rows = await settlement_rows(database_url)
     assert sorted(r["signer_nonce"] for r in rows) == list(range(200))
