@@ -41,7 +41,6 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -49,16 +48,15 @@ from aiohttp import web
 
 from facilitator.adapters import findings as store
 from facilitator.adapters.findings import FINDING_FIELD_NAMES, FINDING_KEY, FindingFilters
-from facilitator.adapters.logging import request_id_var
 from facilitator.audit import queries
-from facilitator.audit.formats import CONTENT_TYPES, CsvEncoder, JsonLinesEncoder
+from facilitator.audit.formats import CsvEncoder, JsonLinesEncoder
 from facilitator.audit.queries import Page
 from facilitator.audit.routes import (
     AUDIT_KEY,
     DEFAULT_MAX_CONCURRENT_EXPORTS,
     AuditContext,
-    _abort,
     _ok,
+    stream_export,
 )
 from facilitator.audit.tokens import READ_ROLES, require_role
 from facilitator.core.crosscheck import KINDS
@@ -203,15 +201,10 @@ async def export_findings(request: web.Request) -> web.StreamResponse:
         filters, order, fmt = parse_finding_export(request.query)
     except BadRequest as exc:
         return bad_request(exc.field, exc.message)
-    limit = _context(request).exports
-    if limit.exports_running >= limit.max_concurrent_exports:
-        return json_response({"error": "too_many_requests", "message":
-                              f"at most {limit.max_concurrent_exports} exports at a time"}, 429)
-    limit.exports_running += 1
-    try:
-        return await _stream(request, filters, order, fmt)
-    finally:
-        limit.exports_running -= 1
+    encode = FindingsCsv() if fmt == "csv" else FindingsJsonLines()
+    batches = store.open_findings_export(_context(request).pool, filters, order)
+    return await stream_export(request, _context(request).exports, batches, encode, fmt,
+                               "findings")
 
 
 class FindingsCsv(CsvEncoder):
@@ -234,30 +227,3 @@ def _json_bool(value: Any) -> Any:
     return ("true" if value else "false") if isinstance(value, bool) else value
 
 
-async def _stream(request: web.Request, filters: FindingFilters, order: str, fmt: str
-                  ) -> web.StreamResponse:
-    encode = FindingsCsv() if fmt == "csv" else FindingsJsonLines()
-    response: web.StreamResponse | None = None
-    try:
-        async with store.open_findings_export(_context(request).pool, filters, order) as batches:
-            response = _export_response(fmt)
-            await response.prepare(request)
-            await response.write(encode.header())
-            async for rows in batches:
-                await response.write(encode.encode(rows))  # waits while the client lags
-        await response.write_eof()  # only after the snapshot ended cleanly
-    except Exception as exc:  # noqa: BLE001 - after the first byte, only an abort is honest
-        if response is None or not response.prepared:
-            raise
-        _abort(request, exc)
-    return response
-
-
-def _export_response(fmt: str) -> web.StreamResponse:
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    response = web.StreamResponse(headers={
-        "Content-Type": CONTENT_TYPES[fmt], "Cache-Control": "no-store",
-        "Content-Disposition": f'attachment; filename="findings-{stamp}.{fmt}"',
-        "X-Request-Id": request_id_var.get()})
-    response.enable_chunked_encoding()
-    return response

@@ -43,15 +43,18 @@ Guarantees:
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 from aiohttp import web
 
 from facilitator.adapters.logging import request_id_var
 from facilitator.audit import queries
-from facilitator.audit.formats import CONTENT_TYPES, encoder
+from facilitator.audit.formats import CONTENT_TYPES, Encoder, encoder
 from facilitator.audit.tokens import READ_ROLES, ApiToken, install_api_tokens, require_role
 from facilitator.http.app import bad_request, json_response
 from facilitator.protocol.fields import BadRequest
@@ -142,41 +145,43 @@ async def export_settlements(request: web.Request) -> web.StreamResponse:
         export = queries.parse_export(request.query)
     except BadRequest as exc:
         return bad_request(exc.field, exc.message)
-    context = request.config_dict[AUDIT_KEY]
+    return await stream_export(
+        request, request.config_dict[AUDIT_KEY], queries.open_export(_pool(request), export),
+        encoder(export.format), export.format, "settlements")
+
+
+async def stream_export(request: web.Request, context: AuditContext,
+                        batches: AbstractAsyncContextManager[AsyncIterator[Sequence[Any]]],
+                        encode: Encoder, fmt: str, name: str) -> web.StreamResponse:
+    """Stream `batches` (an open-export context: one snapshot, read page by page) as a chunked
+    download named `{name}-{stamp}.{fmt}`, within the concurrent-export limit."""
     if context.exports_running >= context.max_concurrent_exports:
         return json_response({"error": "too_many_requests", "message":
                               f"at most {context.max_concurrent_exports} exports at a time"}, 429)
     context.exports_running += 1
-    try:
-        return await _stream_export(request, export)
-    finally:
-        context.exports_running -= 1
-
-
-async def _stream_export(request: web.Request, export: queries.ExportRequest
-                         ) -> web.StreamResponse:
-    encode = encoder(export.format)
     response: web.StreamResponse | None = None
     try:
-        async with queries.open_export(_pool(request), export) as batches:
-            response = _export_response(export.format)
+        async with batches as pages:
+            response = _export_response(fmt, name)
             await response.prepare(request)
             await response.write(encode.header())
-            async for rows in batches:
+            async for rows in pages:
                 await response.write(encode.encode(rows))  # waits while the client lags
         await response.write_eof()  # only after the snapshot ended cleanly
     except Exception as exc:  # noqa: BLE001 - after the first byte, only an abort is honest
         if response is None or not response.prepared:
             raise  # nothing sent yet: the normal 500 path answers
         _abort(request, exc)
+    finally:
+        context.exports_running -= 1
     return response
 
 
-def _export_response(fmt: str) -> web.StreamResponse:
+def _export_response(fmt: str, name: str) -> web.StreamResponse:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     response = web.StreamResponse(headers={
         "Content-Type": CONTENT_TYPES[fmt], "Cache-Control": "no-store",
-        "Content-Disposition": f'attachment; filename="settlements-{stamp}.{fmt}"',
+        "Content-Disposition": f'attachment; filename="{name}-{stamp}.{fmt}"',
         # Set here: a middleware cannot add headers once the stream has started.
         "X-Request-Id": request_id_var.get()})
     response.enable_chunked_encoding()
