@@ -28,7 +28,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from facilitator.adapters.findings import findings_by_fingerprint
+from facilitator.audit.findings_queries import findings_by_fingerprint
 from facilitator.adapters.metrics import Metrics
 from facilitator.audit import queries
 from facilitator.audit.cli import _table

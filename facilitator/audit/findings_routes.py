@@ -46,8 +46,8 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
-from facilitator.adapters import findings as store
-from facilitator.adapters.findings import FINDING_FIELD_NAMES, FINDING_KEY, FindingFilters
+from facilitator.audit import findings_queries as store
+from facilitator.audit.findings_queries import FINDING_FIELD_NAMES, FINDING_KEY, FindingFilters
 from facilitator.audit import queries
 from facilitator.audit.formats import CsvEncoder, JsonLinesEncoder
 from facilitator.audit.queries import Page

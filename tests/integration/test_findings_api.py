@@ -45,7 +45,7 @@ from test_crosscheck import (
     unlinked_gap,
 )
 
-from facilitator.adapters.findings import FINDING_FIELD_NAMES
+from facilitator.audit.findings_queries import FINDING_FIELD_NAMES
 from facilitator.adapters.metrics import Metrics
 from facilitator.audit.findings_routes import add_findings_routes
 from facilitator.audit.routes import AUDIT_KEY, add_audit_routes
