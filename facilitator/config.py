@@ -92,7 +92,7 @@ class Settings:
     max_fee_per_gas_cap_wei: int = 50 * GWEI
     priority_fee_wei: int = GWEI // 1000
     rpc_timeout_s: float = 5.0
-    receipt_poll_interval_s: float = 0.2
+    receipt_poll_interval_s: float = 0.1
     resend_after_s: float = 4.0
     db_pool_size: int = 20
     duplicate_settle: str = "replay"
@@ -211,7 +211,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         rpc_timeout_s=read.number("FACILITATOR_RPC_TIMEOUT_S", 5.0, "rpc.timeout_s",
                                   low=0.1, high=120),
         receipt_poll_interval_s=read.number(
-            "FACILITATOR_RECEIPT_POLL_INTERVAL_S", 0.2, "settlement.receipt_poll_interval_s",
+            "FACILITATOR_RECEIPT_POLL_INTERVAL_S", 0.1, "settlement.receipt_poll_interval_s",
             low=0.01, high=60),
         resend_after_s=read.number("FACILITATOR_RESEND_AFTER_S", 4.0, "settlement.resend_after_s",
                                    low=0.1, high=3600),

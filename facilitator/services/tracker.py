@@ -98,7 +98,7 @@ class InFlight:
 
 class Tracker:
     def __init__(self, *, network: Network, chain: Chain, store: Store, board: OutcomeBoard,
-                 metrics: Metrics, poll_interval_s: float = 0.2, resend_after_s: float = 4.0,
+                 metrics: Metrics, poll_interval_s: float = 0.1, resend_after_s: float = 4.0,
                  front_run_lookback_blocks: int = 5_000,
                  clock: Callable[[], float] = time.time) -> None:
         self.network = network
