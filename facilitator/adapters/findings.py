@@ -43,8 +43,9 @@ def _bytes(value: Any) -> bytes | None:
 
 # The sessions a window concerns: settled (or, unsettled, created) in it, or named by an
 # attestation received in it; then the other sessions of the same inferences (duplicates).
-_SCOPE_SESSIONS = f"""
-    SELECT u.id FROM upto_sessions u WHERE {SESSION_WINDOW} >= $1 AND {SESSION_WINDOW} < $2
+_SCOPE_SESSIONS = """
+    SELECT u.id FROM upto_sessions u
+    WHERE """ + SESSION_WINDOW + " >= $1 AND " + SESSION_WINDOW + """ < $2
     UNION
     SELECT session_id FROM attestations
     WHERE received_at >= $1 AND received_at < $2 AND session_id IS NOT NULL"""
@@ -90,11 +91,12 @@ _INDIVIDUAL_RECORDS = """
     WHERE a.id = ANY($1::bigint[]) AND ($2::bigint IS NULL OR r.chain_id = $2)
     ORDER BY a.id, r.block_number, r.log_index"""
 
-_SESSIONS = f"""
+_SESSIONS = """
     SELECT u.id, u.chain_id, u.payer, u.nonce, u.pay_to, u.cap, u.deadline, u.created_at,
            u.settled_at, u.settled_amount, s.id AS settlement_pk,
            s.public_id::text AS settlement_id, s.state, s.amount, s.tx_hash, s.block_number,
-           s.log_index, s.included_at, b.timestamp AS block_time, {_PAYEE_LINKS} AS payee_links
+           s.log_index, s.included_at, b.timestamp AS block_time,
+           """ + _PAYEE_LINKS + """ AS payee_links
     FROM upto_sessions u
     LEFT JOIN settlements s ON s.id = u.settlement_id
     -- the block as the payment watcher stored it (same hash: not a reorged-away block)
@@ -139,12 +141,12 @@ _UNLINKED_ATTESTATIONS = """
       AND a.payer IS NULL
     ORDER BY a.tee_timestamp, a.id"""
 
-_UNLINKED_PAYMENTS = f"""
+_UNLINKED_PAYMENTS = """
     SELECT u.id, u.chain_id, u.payer, u.pay_to, u.created_at, s.amount, s.tx_hash,
            s.block_number
     FROM upto_sessions u JOIN settlements s ON s.id = u.settlement_id
     WHERE u.pay_to = ANY($1::bytea[]) AND u.created_at >= $2 AND u.created_at < $3
-      AND s.state = ANY($4::text[]) AND s.amount > 0 AND NOT {_PAYEE_LINKS}
+      AND s.state = ANY($4::text[]) AND s.amount > 0 AND NOT """ + _PAYEE_LINKS + """
     ORDER BY u.created_at, u.id"""
 
 

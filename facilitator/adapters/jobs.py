@@ -54,18 +54,18 @@ class JobStore:
 
     async def enqueue(self, body: dict[str, Any]) -> Job:
         rec = await self.pool.fetchrow(
-            f"INSERT INTO settle_jobs (status, body) VALUES ('queued', $1::jsonb) "
-            f"RETURNING {_COLUMNS}", json.dumps(body))
+            "INSERT INTO settle_jobs (status, body) VALUES ('queued', $1::jsonb) RETURNING "
+            + _COLUMNS, json.dumps(body))
         return Job.from_record(rec)
 
     async def get(self, job_id: str) -> Job | None:
         uuid_text = job_id.removeprefix(JOB_PREFIX)
         rec = await self.pool.fetchrow(
-            f"SELECT {_COLUMNS} FROM settle_jobs WHERE id = $1::uuid", uuid_text)
+            "SELECT " + _COLUMNS + " FROM settle_jobs WHERE id = $1::uuid", uuid_text)
         return None if rec is None else Job.from_record(rec)
 
     async def claim_next(self, lease_s: float) -> Job | None:
-        rec = await self.pool.fetchrow(f"""
+        rec = await self.pool.fetchrow("""
             UPDATE settle_jobs SET status = 'processing', attempts = attempts + 1,
                 started_at = COALESCE(started_at, clock_timestamp()),
                 not_before = clock_timestamp() + make_interval(secs => $1),
@@ -73,7 +73,7 @@ class JobStore:
             WHERE id = (SELECT id FROM settle_jobs
                         WHERE status IN ('queued', 'processing') AND not_before <= clock_timestamp()
                         ORDER BY not_before, created_at LIMIT 1 FOR UPDATE SKIP LOCKED)
-            RETURNING {_COLUMNS}""", lease_s)
+            RETURNING """ + _COLUMNS, lease_s)
         return None if rec is None else Job.from_record(rec)
 
     async def requeue(self, job_id: str, delay_s: float) -> None:

@@ -74,9 +74,9 @@ class RelayStore:
                 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED""", max_size, max_age_s)
             if not rows or (len(rows) < max_size and not rows[0]["old"]):
                 return None
-            rec = await conn.fetchrow(f"""
+            rec = await conn.fetchrow("""
                 INSERT INTO og_relay_submissions (kind, state, batch_size)
-                VALUES ('batch', 'pending', $1) RETURNING {_COLUMNS}""", len(rows))
+                VALUES ('batch', 'pending', $1) RETURNING """ + _COLUMNS, len(rows))
             await conn.execute("""
                 UPDATE attestations SET relay_state = 'batched', relay_batch_id = $1
                 WHERE id = ANY($2::bigint[])""", rec["id"], [r["id"] for r in rows])
@@ -100,8 +100,7 @@ class RelayStore:
         return len(ids)
 
     async def unfinished(self) -> list[Submission]:
-        rows = await self.pool.fetch(f"""
-            SELECT {_COLUMNS} FROM og_relay_submissions
+        rows = await self.pool.fetch("SELECT " + _COLUMNS + """ FROM og_relay_submissions
             WHERE state IN ('pending', 'published', 'signed', 'broadcast') ORDER BY id""")
         return [Submission.from_record(r) for r in rows]
 

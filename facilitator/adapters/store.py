@@ -31,6 +31,34 @@ SETTLEMENT_COLUMNS = """id, public_id, scheme, x402_version, network, chain_id, 
     included_at, confirmed_at, failed_at, updated_at, success_answers, success_answered_at,
     transfer_method, cap_amount"""
 
+# Statements are constant text: SETTLEMENT_COLUMNS is joined in here, once; values are `$n`.
+_SELECT = "SELECT " + SETTLEMENT_COLUMNS + " FROM settlements "
+_RETURNING = " RETURNING " + SETTLEMENT_COLUMNS
+_CLAIM = """
+    INSERT INTO settlements (scheme, x402_version, network, chain_id, asset, payer, pay_to,
+        amount, nonce, valid_after, valid_before, signature, fingerprint, call_to,
+        calldata, transfer_method, cap_amount, state)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
+            'pending')
+    ON CONFLICT DO NOTHING""" + _RETURNING
+# Permit2 nonces are per owner, whatever the token; EIP-3009 nonces per token and payer.
+_CLAIMED_PERMIT2 = _SELECT + """
+    WHERE chain_id = $1 AND payer = $2 AND nonce = $3 AND transfer_method = 'permit2'"""
+_CLAIMED_EIP3009 = _SELECT + "WHERE chain_id = $1 AND asset = $2 AND payer = $3 AND nonce = $4"
+_RECLAIM_FAILED = """
+    UPDATE settlements SET state = 'pending', x402_version = $2, network = $3,
+        pay_to = $4, amount = $5, valid_after = $6, valid_before = $7, signature = $8,
+        fingerprint = $9, call_to = $10, calldata = $11, cap_amount = $12,
+        reason = NULL, message = NULL,
+        failed_at = NULL, tx_hash = NULL, raw_tx = NULL, signer = NULL,
+        signer_nonce = NULL, gas_limit = NULL, max_fee_per_gas = NULL,
+        signed_at = NULL, broadcast_at = NULL, attempts = attempts + 1
+    WHERE id = $1 AND state = 'failed'""" + _RETURNING
+_COUNT_SUCCESS_ANSWER = """
+    UPDATE settlements SET success_answers = success_answers + 1,
+        success_answered_at = COALESCE(success_answered_at, clock_timestamp())
+    WHERE id = $1""" + _RETURNING
+
 
 def _b(hex_address: str) -> bytes:
     return bytes.fromhex(hex_address[2:])
@@ -175,26 +203,15 @@ class Store:
     async def claim(self, intent: SettlementIntent) -> Claim:
         """Insert the write-ahead row for this authorization, or return the one that exists."""
         values = _intent_values(intent)
-        rec = await self.pool.fetchrow(f"""
-            INSERT INTO settlements (scheme, x402_version, network, chain_id, asset, payer, pay_to,
-                amount, nonce, valid_after, valid_before, signature, fingerprint, call_to,
-                calldata, transfer_method, cap_amount, state)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
-                    'pending')
-            ON CONFLICT DO NOTHING
-            RETURNING {SETTLEMENT_COLUMNS}""", *values)
+        rec = await self.pool.fetchrow(_CLAIM, *values)
         if rec is not None:
             return Claim(SettlementRow.from_record(rec), created=True)
-        if intent.transfer_method == "permit2":  # Permit2 nonces are per owner, any token
-            existing = await self.pool.fetchrow(f"""
-                SELECT {SETTLEMENT_COLUMNS} FROM settlements WHERE chain_id = $1 AND payer = $2
-                  AND nonce = $3 AND transfer_method = 'permit2'""",
-                intent.chain_id, _b(intent.payer), intent.nonce)
+        if intent.transfer_method == "permit2":
+            existing = await self.pool.fetchrow(_CLAIMED_PERMIT2, intent.chain_id,
+                                                _b(intent.payer), intent.nonce)
         else:
-            existing = await self.pool.fetchrow(f"""
-                SELECT {SETTLEMENT_COLUMNS} FROM settlements
-                WHERE chain_id = $1 AND asset = $2 AND payer = $3 AND nonce = $4""",
-                intent.chain_id, _b(intent.asset), _b(intent.payer), intent.nonce)
+            existing = await self.pool.fetchrow(_CLAIMED_EIP3009, intent.chain_id,
+                                                _b(intent.asset), _b(intent.payer), intent.nonce)
         invariant(existing is not None, "a conflicting row must exist")
         return Claim(SettlementRow.from_record(existing), created=False)
 
@@ -202,17 +219,8 @@ class Store:
                              ) -> SettlementRow | None:
         """failed -> pending for a new attempt (possibly with a new payload for the same
         authorization nonce). Only one concurrent caller wins; the others get None."""
-        rec = await self.pool.fetchrow(f"""
-            UPDATE settlements SET state = 'pending', x402_version = $2, network = $3,
-                pay_to = $4, amount = $5, valid_after = $6, valid_before = $7, signature = $8,
-                fingerprint = $9, call_to = $10, calldata = $11, cap_amount = $12,
-                reason = NULL, message = NULL,
-                failed_at = NULL, tx_hash = NULL, raw_tx = NULL, signer = NULL,
-                signer_nonce = NULL, gas_limit = NULL, max_fee_per_gas = NULL,
-                signed_at = NULL, broadcast_at = NULL, attempts = attempts + 1
-            WHERE id = $1 AND state = 'failed'
-            RETURNING {SETTLEMENT_COLUMNS}""",
-            settlement_id, intent.x402_version, intent.network, _b(intent.pay_to),
+        rec = await self.pool.fetchrow(
+            _RECLAIM_FAILED, settlement_id, intent.x402_version, intent.network, _b(intent.pay_to),
             intent.amount, intent.valid_after, intent.valid_before, intent.signature,
             intent.fingerprint, _b(intent.call_to), intent.calldata, intent.cap_amount)
         return None if rec is None else SettlementRow.from_record(rec)
@@ -275,10 +283,7 @@ class Store:
         """Record one more `success: true` answer for this settled row and return it
         (`success_answers` 1 = the first). The row lock serialises concurrent answers, so
         exactly one sees 1."""
-        rec = await self.pool.fetchrow(f"""
-            UPDATE settlements SET success_answers = success_answers + 1,
-                success_answered_at = COALESCE(success_answered_at, clock_timestamp())
-            WHERE id = $1 RETURNING {SETTLEMENT_COLUMNS}""", settlement_id)
+        rec = await self.pool.fetchrow(_COUNT_SUCCESS_ANSWER, settlement_id)
         invariant(rec is not None, "a claimed row never disappears")
         return SettlementRow.from_record(rec)
 
@@ -294,25 +299,21 @@ class Store:
     # -- reads --------------------------------------------------------------------------------
 
     async def get(self, settlement_id: int) -> SettlementRow | None:
-        rec = await self.pool.fetchrow(
-            f"SELECT {SETTLEMENT_COLUMNS} FROM settlements WHERE id = $1", settlement_id)
+        rec = await self.pool.fetchrow(_SELECT + "WHERE id = $1", settlement_id)
         return None if rec is None else SettlementRow.from_record(rec)
 
     async def find(self, key: str) -> SettlementRow | None:
         """By public id (uuid) or by transaction hash (0x + 64 hex)."""
         if key.startswith("0x") and len(key) == 66:
             rec = await self.pool.fetchrow(
-                f"SELECT {SETTLEMENT_COLUMNS} FROM settlements WHERE tx_hash = $1 "
-                "ORDER BY id DESC LIMIT 1", bytes.fromhex(key[2:]))
+                _SELECT + "WHERE tx_hash = $1 ORDER BY id DESC LIMIT 1", bytes.fromhex(key[2:]))
         else:
-            rec = await self.pool.fetchrow(
-                f"SELECT {SETTLEMENT_COLUMNS} FROM settlements WHERE public_id = $1::uuid", key)
+            rec = await self.pool.fetchrow(_SELECT + "WHERE public_id = $1::uuid", key)
         return None if rec is None else SettlementRow.from_record(rec)
 
     async def unfinished(self, chain_id: int) -> list[SettlementRow]:
         """Rows a restarted process must finish: pending, signed and broadcast."""
-        recs = await self.pool.fetch(f"""
-            SELECT {SETTLEMENT_COLUMNS} FROM settlements
+        recs = await self.pool.fetch(_SELECT + """
             WHERE chain_id = $1 AND state IN ('pending', 'signed', 'broadcast') ORDER BY id""",
             chain_id)
         return [SettlementRow.from_record(r) for r in recs]
