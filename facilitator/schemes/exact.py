@@ -60,11 +60,10 @@ from facilitator.schemes.common import (
 def fingerprint(chain_id: int, asset: str, payment: Eip3009Payload) -> bytes:
     """Identity of the signed payment: two requests with equal fingerprints are the same payment.
     `v` is normalised so 0/1 and 27/28 encodings of one signature are one payment."""
-    auth, sig = payment.authorization, payment.signature
-    if len(sig) == 65 and sig[64] < 27:
-        sig = sig[:64] + bytes([sig[64] + 27])
+    auth = payment.authorization
     parts = ["exact", str(chain_id), asset, auth.payer, auth.pay_to, str(auth.value),
-             str(auth.valid_after), str(auth.valid_before), auth.nonce.hex(), sig.hex()]
+             str(auth.valid_after), str(auth.valid_before), auth.nonce.hex(),
+             normalised_v(payment.signature).hex()]
     return hashlib.sha256("|".join(parts).encode()).digest()
 
 
