@@ -75,8 +75,9 @@ class SessionStore:
                    COALESCE(sum(u.output_tokens), 0) AS output_tokens,
                    COALESCE(sum(u.total_tokens), 0) AS total_tokens
             FROM settlement_usage u JOIN settlements s ON s.id = u.settlement_id
-            WHERE u.recorded_at >= date_trunc('day', clock_timestamp())
-                                   - make_interval(days => $1 - 1)
+            -- UTC days whatever the server's TimeZone: midnight UTC, N-1 days back
+            WHERE u.recorded_at >= (date_trunc('day', clock_timestamp() AT TIME ZONE 'UTC')
+                                    - make_interval(days => $1 - 1)) AT TIME ZONE 'UTC'
               AND s.state IN ('included', 'confirmed')
             GROUP BY 1, 2, 3 ORDER BY 1 DESC, 2, 3""", days)
         return [dict(r) for r in rows]
