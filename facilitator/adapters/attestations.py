@@ -2,21 +2,30 @@
 settlement events.
 
 Guarantees: an attestation posted twice is stored once (the table's unique key); insertion and
-the session link are one statement, so a record is never half-stored; verification results are
-written with a guard on the pending state; all SQL is parameterised.
+the session link are one statement, so a record is never half-stored; `pending` returns only
+records whose registry history has been read (the filter is in SQL, before the LIMIT, so records
+waiting for the chain never crowd out decidable ones); the registry facts of a verification
+pass are read in two statements, whatever its size; verification results are written with a
+guard on the pending state; all SQL is constant text with `$n` parameters.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import asyncpg
 
+from facilitator.adapters.og_chain import OG_SYNCED_TO, optional_bytes
 from facilitator.core.attestation import AttestationRecord
+from facilitator.core.crosscheck import from_unix
+
+# A TEE registered up to this long after an attestation's timestamp still counts as registered
+# at that time (OpenGradient's on-chain verifier accepts timestamps 5 minutes ahead).
+REGISTRATION_SKEW_S = 300
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,10 +52,67 @@ class PendingAttestation:
 
 
 @dataclass(frozen=True, slots=True)
-class TeeState:
-    public_key: bytes
+class TeeHistory:
+    """What the registry (as read from the chain so far) says about one TEE: its key (None when
+    the caller already holds it parsed) and its registered/enabled/disabled events as
+    `(unix block time, kind)` in chain order."""
+
+    tee_id: bytes
+    public_key: bytes | None
     payment_address: bytes | None
-    enabled_at_time: bool | None  # None: not registered at that time
+    events: tuple[tuple[float, str], ...]
+
+    def enabled_at(self, at_unix: int, registration_skew_s: int = REGISTRATION_SKEW_S
+                   ) -> bool | None:
+        """Was the TEE enabled at `at_unix`? None: not registered then. A registration up to
+        `registration_skew_s` after `at_unix` still counts (TEE clocks and block timestamps
+        drift apart by seconds; OpenGradient's on-chain verifier allows 5 minutes ahead)."""
+        last = None
+        for block_time, kind in self.events:
+            if block_time <= at_unix:
+                last = kind
+        if last is None and any(kind == "registered" and block_time <= at_unix + registration_skew_s
+                                for block_time, kind in self.events):
+            last = "registered"
+        return None if last is None else last in ("registered", "enabled")
+
+
+# Pending records whose registry history has been read from the chain ($1: the OpenGradient
+# chain id; `OG_SYNCED_TO` takes it as $1 too), oldest first, at most $2. Without any
+# OpenGradient block processed yet, a record is decided $3 seconds after it was received.
+# Records still waiting for the chain are skipped here, in SQL, so they can never fill the batch
+# and starve records that can be decided.
+_PENDING = """
+    WITH synced AS (""" + OG_SYNCED_TO + """)
+    SELECT a.id, a.mode, a.tee_id, a.input_hash, a.output_hash, a.tee_signature,
+           a.tee_timestamp, a.request_body, a.response_body, a.received_at
+    FROM attestations a
+    WHERE a.verification = 'pending' AND (
+          a.tee_timestamp <= (SELECT floor(extract(epoch FROM s.timestamp)) FROM synced s)
+       OR (NOT EXISTS (SELECT 1 FROM synced)
+           AND a.received_at < clock_timestamp() - make_interval(secs => $3)))
+    ORDER BY a.id LIMIT $2"""
+
+# The registry facts of a set of TEEs in two statements: keys (the key bytes only for TEEs whose
+# parsed key the caller does not hold), then their events up to a time.
+_TEE_KEYS = """
+    SELECT tee_id, payment_address,
+           CASE WHEN tee_id = ANY($3::bytea[]) THEN NULL ELSE public_key END AS public_key
+    FROM tee_keys WHERE chain_id = $1 AND tee_id = ANY($2::bytea[])"""
+_TEE_EVENTS = """
+    SELECT tee_id, kind, extract(epoch FROM block_time)::float8 AS block_time FROM tee_events
+    WHERE chain_id = $1 AND tee_id = ANY($2::bytea[]) AND block_time <= $3
+    ORDER BY tee_id, block_number, log_index"""
+
+
+# Only attestations that name a session can ever link: the others (most of today's traffic) are
+# never rescanned (partial index `attestations_linkable`, migration 009, has this predicate).
+_LINK_SESSIONS = """
+    UPDATE attestations a SET session_id = s.id FROM upto_sessions s
+    WHERE a.session_id IS NULL AND (a.payer IS NOT NULL OR a.session_ref <> '')
+      AND s.chain_id = $1 AND (
+          (a.payer IS NOT NULL AND s.payer = a.payer AND s.nonce = a.permit_nonce)
+       OR (a.session_ref <> '' AND s.gateway_session_id = a.session_ref))"""
 
 
 class AttestationStore:
@@ -88,19 +154,12 @@ class AttestationStore:
     async def link_sessions(self) -> int:
         """Attach attestations to sessions that became known after they were posted (the
         gateway settles a session, with its id, after posting the session's attestations)."""
-        done = await self.pool.execute("""
-            UPDATE attestations a SET session_id = s.id FROM upto_sessions s
-            WHERE a.session_id IS NULL AND s.chain_id = $1 AND (
-                  (a.payer IS NOT NULL AND s.payer = a.payer AND s.nonce = a.permit_nonce)
-               OR (a.session_ref <> '' AND s.gateway_session_id = a.session_ref))""",
-            self.payments_chain_id)
+        done = await self.pool.execute(_LINK_SESSIONS, self.payments_chain_id)
         return int(done.split()[-1])
 
-    async def pending(self, limit: int) -> list[PendingAttestation]:
-        rows = await self.pool.fetch("""
-            SELECT id, mode, tee_id, input_hash, output_hash, tee_signature, tee_timestamp,
-                   request_body, response_body, received_at
-            FROM attestations WHERE verification = 'pending' ORDER BY id LIMIT $1""", limit)
+    async def pending(self, limit: int, unsynced_grace_s: float) -> list[PendingAttestation]:
+        """Up to `limit` pending records that can be decided now (see `_PENDING`)."""
+        rows = await self.pool.fetch(_PENDING, self.og_chain_id, limit, unsynced_grace_s)
         return [PendingAttestation(
             id=r["id"], mode=r["mode"],
             record=AttestationRecord(bytes(r["tee_id"]), bytes(r["input_hash"]),
@@ -110,30 +169,26 @@ class AttestationStore:
             response_body=json.loads(r["response_body"]) if r["response_body"] else None,
             received_at=r["received_at"]) for r in rows]
 
-    async def tee_state(self, tee_id: bytes, at_unix: int, registration_skew_s: int = 300
-                        ) -> TeeState | None:
-        """The TEE's key and whether it was enabled at `at_unix` (from registry events up to
-        that time); None when the registry has never heard of it. A registration up to
-        `registration_skew_s` after `at_unix` still counts (TEE clocks and block timestamps
-        drift apart by seconds; OpenGradient's on-chain verifier allows 5 minutes ahead)."""
-        key = await self.pool.fetchrow("""
-            SELECT public_key, payment_address FROM tee_keys WHERE chain_id = $1 AND tee_id = $2""",
-            self.og_chain_id, tee_id)
-        if key is None:
-            return None
-        last = await self.pool.fetchval("""
-            SELECT kind FROM tee_events WHERE chain_id = $1 AND tee_id = $2 AND block_time <= $3
-            ORDER BY block_number DESC, log_index DESC LIMIT 1""",
-            self.og_chain_id, tee_id, datetime.fromtimestamp(at_unix, UTC))
-        if last is None:
-            last = await self.pool.fetchval("""
-                SELECT kind FROM tee_events WHERE chain_id = $1 AND tee_id = $2
-                  AND kind = 'registered' AND block_time <= $3 LIMIT 1""",
-                self.og_chain_id, tee_id, datetime.fromtimestamp(at_unix + registration_skew_s,
-                                                                  UTC))
-        enabled = None if last is None else last in ("registered", "enabled")
-        payment = key["payment_address"]
-        return TeeState(bytes(key["public_key"]), bytes(payment) if payment else None, enabled)
+    async def registry(self, tee_ids: Collection[bytes], *, known_keys: Collection[bytes],
+                       until_unix: int) -> dict[bytes, TeeHistory]:
+        """The registry facts of `tee_ids` (absent: never registered) with their events up to
+        `until_unix`; `public_key` is None for the ids in `known_keys`. Two statements, whatever
+        the number of TEEs."""
+        ids = sorted(set(tee_ids))
+        if not ids:
+            return {}
+        async with self.pool.acquire() as conn:
+            keys = await conn.fetch(_TEE_KEYS, self.og_chain_id, ids,
+                                    sorted(set(known_keys) & set(ids)))
+            events = await conn.fetch(_TEE_EVENTS, self.og_chain_id,
+                                      [bytes(k["tee_id"]) for k in keys], from_unix(until_unix))
+        by_tee: dict[bytes, list[tuple[float, str]]] = {}
+        for e in events:
+            by_tee.setdefault(bytes(e["tee_id"]), []).append((float(e["block_time"]), e["kind"]))
+        return {bytes(k["tee_id"]): TeeHistory(
+            tee_id=bytes(k["tee_id"]), public_key=optional_bytes(k["public_key"]),
+            payment_address=optional_bytes(k["payment_address"]),
+            events=tuple(by_tee.get(bytes(k["tee_id"]), ()))) for k in keys}
 
     async def set_verification(self, results: Sequence[tuple[int, str]]) -> None:
         await self.pool.execute("""
@@ -141,14 +196,6 @@ class AttestationStore:
             FROM unnest($1::bigint[], $2::text[]) AS u(id, result)
             WHERE a.id = u.id AND a.verification = 'pending'""",
             [i for i, _ in results], [r for _, r in results])
-
-    async def og_processed_time(self) -> datetime | None:
-        """Timestamp of the newest OpenGradient block the watcher processed (how far the
-        registry facts reach)."""
-        return await self.pool.fetchval("""
-            SELECT b.timestamp FROM chain_cursors c JOIN chain_blocks b
-              ON b.chain_id = c.chain_id AND b.number = c.head_number WHERE c.chain_id = $1""",
-            self.og_chain_id)
 
 
 def _json(value: Any) -> str | None:

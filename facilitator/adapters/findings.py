@@ -22,6 +22,7 @@ from typing import Any
 import asyncpg
 import orjson
 
+from facilitator.adapters.og_chain import OG_SYNCED_TO, optional_bytes
 from facilitator.core import crosscheck as cc
 
 SESSION_WINDOW = "COALESCE(u.settled_at, u.created_at)"  # a session belongs to its settle time
@@ -33,10 +34,6 @@ _PAYEE_LINKS = """EXISTS (SELECT 1 FROM upto_sessions u2 JOIN attestations a2
 
 def _int(value: Any) -> int | None:
     return None if value is None else int(value)
-
-
-def _bytes(value: Any) -> bytes | None:
-    return None if value is None else bytes(value)
 
 
 # -- the cross-check's facts -----------------------------------------------------------------------
@@ -65,9 +62,6 @@ ATTESTATION_SELECT = """
 _ATTESTATIONS = ATTESTATION_SELECT + """
     WHERE (a.received_at >= $1 AND a.received_at < $2) OR a.session_id = ANY($3::bigint[])
     ORDER BY a.id"""
-_SESSION_ATTESTATIONS = ATTESTATION_SELECT + " WHERE a.session_id = $1 ORDER BY a.id"
-_ATTESTATIONS_BY_INPUT = (ATTESTATION_SELECT
-                          + " WHERE a.tee_id = $1 AND a.input_hash = $2 ORDER BY a.id")
 
 _BATCH_RECORDS = """
     SELECT a.id AS attestation_id, g.id AS batch_id, g.chain_id, g.tx_hash, g.block_number,
@@ -121,10 +115,6 @@ _INVALID_BATCHES = """
       AND ($4::bigint IS NULL OR g.chain_id = $4)
     ORDER BY g.block_time, g.id"""
 
-_OG_SYNCED_TO = """
-    SELECT b.timestamp FROM chain_cursors c JOIN chain_blocks b
-      ON b.chain_id = c.chain_id AND b.number = c.head_number WHERE c.chain_id = $1"""
-
 _UNCHECKED_BATCHES = """
     SELECT block_time FROM og_batches
     WHERE chain_id = $1 AND dump_status = 'pending' AND block_time >= $2 ORDER BY block_time"""
@@ -177,7 +167,8 @@ class CrossCheckStore:
     async def _tees(self, conn: asyncpg.Connection, tee_ids: Iterable[bytes]
                     ) -> dict[bytes, cc.Tee]:
         rows = await conn.fetch(_TEES, sorted(tee_ids), self.og_chain_id)
-        return {bytes(r["tee_id"]): cc.Tee(bytes(r["tee_id"]), _bytes(r["payment_address"]))
+        return {bytes(r["tee_id"]): cc.Tee(bytes(r["tee_id"]),
+                                           optional_bytes(r["payment_address"]))
                 for r in rows}
 
     async def _invalid_batches(self, conn: asyncpg.Connection, window_from: datetime,
@@ -199,7 +190,7 @@ class CrossCheckStore:
         # attestation_not_settled rule then stays silent rather than guess.
         if self.og_chain_id is None:
             return cc.OgView(None)
-        synced_to = await conn.fetchval(_OG_SYNCED_TO, self.og_chain_id)
+        synced_to = await conn.fetchval(OG_SYNCED_TO, self.og_chain_id)
         if not attestations:
             return cc.OgView(synced_to)
         earliest = min(a.tee_timestamp for a in attestations) - policy.clock_skew_s
@@ -229,7 +220,7 @@ class CrossCheckStore:
                                   list(policy.settled_states)):
             paid[bytes(r["pay_to"])].append(cc.UnlinkedPayment(
                 r["id"], r["chain_id"], bytes(r["payer"]), r["created_at"], int(r["amount"]),
-                _bytes(r["tx_hash"]), r["block_number"]))
+                optional_bytes(r["tx_hash"]), r["block_number"]))
         return tuple(cc.Payee(address, tees, tuple(attested[address]), tuple(paid[address]))
                      for address, tees in groups.items() if attested[address] or paid[address])
 
@@ -278,8 +269,8 @@ async def load_attestations(conn: asyncpg.Connection, rows: Sequence[asyncpg.Rec
     return [cc.Attestation(
         id=r["id"], mode=r["mode"], tee_id=bytes(r["tee_id"]), input_hash=bytes(r["input_hash"]),
         output_hash=bytes(r["output_hash"]), tee_timestamp=int(r["tee_timestamp"]),
-        session_ref=r["session_ref"], payer=_bytes(r["payer"]),
-        permit_nonce=_bytes(r["permit_nonce"]), session_id=r["session_id"],
+        session_ref=r["session_ref"], payer=optional_bytes(r["payer"]),
+        permit_nonce=optional_bytes(r["permit_nonce"]), session_id=r["session_id"],
         cost_opg=_int(r["cost_opg"]), verification=r["verification"],
         received_at=r["received_at"], batch_records=tuple(batches[r["id"]]),
         individual_records=tuple(individual[r["id"]])) for r in rows]
@@ -300,7 +291,7 @@ def _session(r: asyncpg.Record, transfers: tuple[cc.Transfer, ...]) -> cc.Sessio
     if r["settlement_pk"] is not None:
         payment = cc.Payment(
             settlement_id=r["settlement_id"], state=r["state"], amount=int(r["amount"]),
-            tx_hash=_bytes(r["tx_hash"]), block_number=r["block_number"],
+            tx_hash=optional_bytes(r["tx_hash"]), block_number=r["block_number"],
             log_index=r["log_index"], block_time=r["block_time"],
             included_at=r["included_at"], transfers=transfers)
     return cc.Session(

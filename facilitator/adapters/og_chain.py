@@ -9,13 +9,13 @@ produced (leaves go with their batch); all SQL is parameterised.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 
+from facilitator.core.crosscheck import from_unix
 from facilitator.core.og_events import BatchEvent, IndividualEvent, LogPlace, TeeInfo
 
 
@@ -44,11 +44,29 @@ class Leaf:
     output_hash: bytes
     tee_signature: bytes
     tee_timestamp: int
-    proof: list[str]
+    proof_json: str  # JSON array of the 0x-hex sibling hashes, leaf to root
 
 
-def _time(unix: int) -> datetime:
-    return datetime.fromtimestamp(unix, UTC)
+# How far the OpenGradient chain's records reach: the timestamp of the newest block the watcher
+# processed ($1: the chain id). The one statement for it (attestation verification embeds it).
+OG_SYNCED_TO = """
+    SELECT b.timestamp FROM chain_cursors c JOIN chain_blocks b
+      ON b.chain_id = c.chain_id AND b.number = c.head_number WHERE c.chain_id = $1"""
+
+
+_INSERT_LEAVES = """
+    INSERT INTO og_batch_leaves (batch_id, leaf_index, tee_id, input_hash, output_hash,
+        tee_signature, tee_timestamp, proof)
+    SELECT $1, u.leaf_index, u.tee_id, u.input_hash, u.output_hash, u.tee_signature,
+           u.tee_timestamp, u.proof::jsonb
+    FROM unnest($2::integer[], $3::bytea[], $4::bytea[], $5::bytea[], $6::bytea[],
+                $7::numeric[], $8::text[])
+         AS u(leaf_index, tee_id, input_hash, output_hash, tee_signature, tee_timestamp, proof)"""
+
+
+def optional_bytes(value: Any) -> bytes | None:
+    """A nullable bytea column as bytes."""
+    return None if value is None else bytes(value)
 
 
 class OgChainState:
@@ -69,7 +87,7 @@ class OgChainState:
                     log_index, merkle_root, batch_size, blob_id)
                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
                 ON CONFLICT (chain_id, block_hash, log_index) DO NOTHING""",
-                self.chain_id, p.tx_hash, p.block_number, p.block_hash, _time(block_time),
+                self.chain_id, p.tx_hash, p.block_number, p.block_hash, from_unix(block_time),
                 p.log_index, batch.merkle_root, batch.batch_size, batch.blob_id)
         for item, block_time in individuals:
             p = item.place
@@ -79,7 +97,7 @@ class OgChainState:
                     output_hash, tee_timestamp, blob_id, tee_signature)
                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
                 ON CONFLICT (chain_id, block_hash, log_index) DO NOTHING""",
-                self.chain_id, p.tx_hash, p.block_number, p.block_hash, _time(block_time),
+                self.chain_id, p.tx_hash, p.block_number, p.block_hash, from_unix(block_time),
                 p.log_index, item.tee_id, item.eth_address, item.input_hash, item.output_hash,
                 item.timestamp, item.blob_id, item.signature)
 
@@ -99,7 +117,7 @@ class OgChainState:
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
             ON CONFLICT (chain_id, block_hash, log_index) DO NOTHING""",
             self.chain_id, event.tee_id, event.kind, p.block_number, p.block_hash,
-            _time(event.block_time), p.tx_hash, p.log_index)
+            from_unix(event.block_time), p.tx_hash, p.log_index)
 
     async def undo(self, conn: asyncpg.Connection, ancestor: int) -> None:
         await conn.execute("DELETE FROM tee_events WHERE chain_id = $1 AND block_number > $2",
@@ -134,10 +152,11 @@ class OgChainState:
                 leaf_count, error)
             if not done.endswith(" 1"):
                 return  # checked concurrently, or reorged away
-            await conn.executemany("""
-                INSERT INTO og_batch_leaves (batch_id, leaf_index, tee_id, input_hash,
-                    output_hash, tee_signature, tee_timestamp, proof)
-                VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb)""",
-                [(batch_id, leaf.index, leaf.tee_id, leaf.input_hash, leaf.output_hash,
-                  leaf.tee_signature, leaf.tee_timestamp, json.dumps(leaf.proof))
-                 for leaf in leaves])
+            if leaves:  # one statement, whatever the number of leaves
+                await conn.execute(_INSERT_LEAVES, batch_id, [leaf.index for leaf in leaves],
+                                   [leaf.tee_id for leaf in leaves],
+                                   [leaf.input_hash for leaf in leaves],
+                                   [leaf.output_hash for leaf in leaves],
+                                   [leaf.tee_signature for leaf in leaves],
+                                   [leaf.tee_timestamp for leaf in leaves],
+                                   [leaf.proof_json for leaf in leaves])

@@ -45,6 +45,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from eth_hash.auto import keccak
 
+from facilitator.protocol.fields import to_checksum
+
 SALT_LENGTH = 32
 MIN_MODULUS_BITS = 2048
 MAX_MODULUS_BITS = 8192
@@ -254,6 +256,28 @@ def completion_output_text(response_body: dict[str, Any]) -> str:
         text = choices[0].get("text")
         return text if isinstance(text, str) else ""
     return ""
+
+
+def signed_hash_candidates(request: Any, response: Any) -> list[tuple[bytes, bytes]]:
+    """The (input hash, output hash) pairs a TEE could have signed for this full request and
+    response: a chat completion when the request has `messages`, a text completion
+    (`/v1/completions`: `prompt`, output `choices[0].text`) when it has `prompt` (both, in that
+    order, if a body carries both). Raises `UnsupportedRequest` when no form applies."""
+    if not isinstance(request, dict):
+        raise UnsupportedRequest("request body must be a JSON object")
+    if not isinstance(response, dict):
+        raise UnsupportedRequest("response body must be a JSON object")
+    candidates = []
+    if "messages" in request:
+        candidates.append((input_hash(canonical_chat_request(request)),
+                           output_hash(chat_output_text(response))))
+    if "prompt" in request:
+        candidates.append((input_hash(canonical_completion_request(request)),
+                           output_hash(completion_output_text(response))))
+    if not candidates:
+        raise UnsupportedRequest("request has neither 'messages' (chat) nor 'prompt' "
+                                 "(completion)")
+    return candidates
 
 
 def message_hash(input_hash_: bytes, output_hash_: bytes, timestamp: int) -> bytes:
@@ -480,11 +504,8 @@ def checksum_address(value: Any, field: str = "eth_address") -> str:
     unless it happens to be its own checksum)."""
     if not isinstance(value, str) or _ADDRESS.fullmatch(value) is None:
         raise AttestationFieldError(field, "expected a 0x-prefixed 20-byte hex address")
-    lower = value[2:].lower()
-    digest = keccak(lower.encode("ascii")).hex()
-    checksummed = "0x" + "".join(c.upper() if int(d, 16) >= 8 else c
-                                 for c, d in zip(lower, digest[:40], strict=True))
-    if value[2:] != lower and value != checksummed:
+    checksummed = to_checksum(value)
+    if value[2:] != value[2:].lower() and value != checksummed:
         raise AttestationFieldError(field, "bad EIP-55 checksum")
     return checksummed
 
@@ -517,12 +538,12 @@ def parse_settlement_payload(payload: Any, *, individual: bool) -> SettlementDat
                           eth_address=checksum_address(payload["eth_address"]))
 
 
-def parse_settlement_data(header: str | bytes, *, individual: bool,
-                          max_bytes: int = MAX_SETTLEMENT_DATA_BYTES) -> SettlementData:
-    """Decode and validate an `x-settlement-data` header value: base64 (standard, padded) of a
-    JSON object."""
+def decode_settlement_data(header: str | bytes,
+                           max_bytes: int = MAX_SETTLEMENT_DATA_BYTES) -> dict[str, Any]:
+    """The JSON object inside an `x-settlement-data` header value (base64, standard and padded,
+    of a JSON object), not yet validated: the settlement mode can depend on its fields."""
     if len(header) > max_bytes:
-        raise AttestationFieldError("x-settlement-data", "too large")
+        raise AttestationFieldError("x-settlement-data", f"too large (at most {max_bytes} bytes)")
     try:
         raw = base64.b64decode(header, validate=True)
     except (binascii.Error, ValueError):
@@ -531,7 +552,17 @@ def parse_settlement_data(header: str | bytes, *, individual: bool,
         payload = json.loads(raw)
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise AttestationFieldError("x-settlement-data", "not JSON") from None
-    return parse_settlement_payload(payload, individual=individual)
+    if not isinstance(payload, dict):
+        raise AttestationFieldError("x-settlement-data", "expected a JSON object")
+    return payload
+
+
+def parse_settlement_data(header: str | bytes, *, individual: bool,
+                          max_bytes: int = MAX_SETTLEMENT_DATA_BYTES) -> SettlementData:
+    """Decode and validate an `x-settlement-data` header value: base64 (standard, padded) of a
+    JSON object."""
+    return parse_settlement_payload(decode_settlement_data(header, max_bytes),
+                                    individual=individual)
 
 
 def encode_settlement_data(record: AttestationRecord) -> str:

@@ -4,46 +4,62 @@ A TEE gateway posts every inference's signed `(input hash, output hash, timestam
 it with its settlement mode and, when the gateway names it, the upto session it was paid by.
 A background pass then verifies each one, in this precedence: the TEE is in the registry at
 `tee_timestamp` (else `unknown_tee`), the RSA-PSS signature verifies under the registry's key,
-whose keccak256 is the tee id (else `invalid_signature`), the TEE was enabled at `tee_timestamp`
-(else `tee_disabled`), and — for individual records that carry the full request and response —
-the recomputed hashes match (else `hash_mismatch`).
+whose keccak256 is the tee id (else `invalid_signature`; also when the registry holds a key that
+cannot be parsed), the TEE was enabled at `tee_timestamp` (else `tee_disabled`), and — for
+individual records that carry the full request and response — the recomputed hashes match (else
+`hash_mismatch`): as a chat completion when the request has `messages`, as a text completion
+(`/v1/completions`) when it has `prompt`, canonicalised exactly as OpenGradient's gateway does.
+
+Timestamp bound at ingestion: `tee_timestamp` must fit a signed 64-bit integer (what is stored)
+and be at most `MAX_FUTURE_S` = `REGISTRATION_SKEW_S` (300 s, the registration skew the
+registry check allows) + 1 hour ahead of this server's clock; anything later is refused with
+HTTP 400 naming `tee_timestamp`. A record ahead of the OpenGradient chain by less than that
+waits (pending) until the chain's history reaches it, which it does within that hour.
 
 Guarantees: bad data is a `BadRequest` naming the field and nothing is stored; a record posted
 twice is stored once; a verdict is only given once the registry history covering the record's
-timestamp has been read from the chain (until then the record stays `pending`).
+timestamp has been read from the chain (until then the record stays `pending`), and records
+that wait can never hold back records that can be decided (they are filtered in SQL before the
+batch limit); a verification pass reads the registry facts of all its TEEs in two statements
+and parses each TEE key once (cached by tee id).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import json
 import logging
 import re
 import time
 from typing import Any
 
-from facilitator.adapters.attestations import AttestationStore, NewAttestation, PendingAttestation
+from facilitator.adapters.attestations import (
+    REGISTRATION_SKEW_S,
+    AttestationStore,
+    NewAttestation,
+    PendingAttestation,
+    TeeHistory,
+)
 from facilitator.adapters.metrics import Metrics
 from facilitator.core.attestation import (
     AttestationFieldError,
+    InvalidTeeKey,
     TeeKeyRing,
-    canonical_chat_request,
-    chat_output_text,
-    input_hash,
-    output_hash,
+    TeePublicKey,
+    decode_settlement_data,
     parse_settlement_payload,
+    signed_hash_candidates,
     verify_record,
 )
+from facilitator.invariant import invariant
 from facilitator.protocol import fields as f
 from facilitator.protocol.fields import BadRequest
 
 log = logging.getLogger("facilitator.attestations")
 
-MAX_DATA_BYTES = 4 * 1024 * 1024
 VERIFY_BATCH = 500
 UNSYNCED_GRACE_S = 120.0  # without an OpenGradient watcher, decide after this long
+MAX_FUTURE_S = REGISTRATION_SKEW_S + 3600  # how far ahead of our clock a tee_timestamp may be
+MAX_TIMESTAMP = (1 << 63) - 1  # the column is a bigint
 
 
 def settlement_type(header: str | None) -> str:
@@ -57,13 +73,18 @@ def settlement_type(header: str | None) -> str:
 def _decode(header: str | None) -> dict[str, Any]:
     if not header:
         raise BadRequest("x-settlement-data", "header is required (base64 of a JSON object)")
-    if len(header) > MAX_DATA_BYTES:
-        raise BadRequest("x-settlement-data", f"must be at most {MAX_DATA_BYTES} bytes")
     try:
-        payload = json.loads(base64.b64decode(header, validate=True))
-    except (binascii.Error, ValueError, RecursionError):
-        raise BadRequest("x-settlement-data", "must be base64 of a JSON object") from None
-    return dict(f.require_object(payload, "x-settlement-data"))
+        return decode_settlement_data(header)
+    except AttestationFieldError as exc:
+        raise BadRequest(exc.field, exc.reason) from None
+
+
+def _check_timestamp(tee_timestamp: int, now: float) -> None:
+    if tee_timestamp > MAX_TIMESTAMP:
+        raise BadRequest("tee_timestamp", "must be at most 2^63-1 (unix seconds)")
+    if tee_timestamp > now + MAX_FUTURE_S:
+        raise BadRequest("tee_timestamp", f"is more than {MAX_FUTURE_S} s ahead of this "
+                                          "server's clock")
 
 
 def _session_reference(payload: dict[str, Any]) -> tuple[str, bytes | None, bytes | None]:
@@ -98,6 +119,7 @@ class AttestationService:
             data = parse_settlement_payload(payload, individual=mode == "individual")
         except AttestationFieldError as exc:
             raise BadRequest(exc.field, exc.reason) from None
+        _check_timestamp(data.record.tee_timestamp, time.time())
         session_ref, payer, nonce = _session_reference(payload)
         cost = payload.get("cost_opg")
         new = NewAttestation(
@@ -125,50 +147,53 @@ class AttestationService:
 
     async def verify_pending(self) -> int:
         """Verify what can be decided now; returns how many verdicts were given."""
-        synced_to = await self._store.og_processed_time()
+        batch = await self._store.pending(VERIFY_BATCH, UNSYNCED_GRACE_S)
+        if not batch:
+            return 0
+        tee_ids = {p.record.tee_id for p in batch}
+        parsed = {t: key for t in tee_ids if (key := self._keys.get(t)) is not None}
+        registry = await self._store.registry(
+            tee_ids, known_keys=parsed.keys(),
+            until_unix=max(p.record.tee_timestamp for p in batch) + REGISTRATION_SKEW_S)
         results = []
-        for pending in await self._store.pending(VERIFY_BATCH):
+        for pending in batch:
             started = time.perf_counter()
-            result = await self._verdict(pending, synced_to)
-            if result is not None:
-                self._metrics.attestation_verify_seconds.observe(time.perf_counter() - started)
-                self._metrics.attestations_verified.labels(result).inc()
-                results.append((pending.id, result))
-        if results:
-            await self._store.set_verification(results)
+            result = self._verdict(pending, registry.get(pending.record.tee_id), parsed)
+            self._metrics.attestation_verify_seconds.observe(time.perf_counter() - started)
+            self._metrics.attestations_verified.labels(result).inc()
+            results.append((pending.id, result))
+        await self._store.set_verification(results)
         return len(results)
 
-    async def _verdict(self, pending: PendingAttestation, synced_to: Any) -> str | None:
+    def _verdict(self, pending: PendingAttestation, tee: TeeHistory | None,
+                 parsed: dict[bytes, TeePublicKey]) -> str:
+        """`parsed`: the keys of this pass by tee id (from the cache, or parsed here once)."""
         record = pending.record
-        if not self._history_covers(record.tee_timestamp, pending, synced_to):
-            return None
-        state = await self._store.tee_state(record.tee_id, record.tee_timestamp)
-        if state is None or state.enabled_at_time is None:
+        enabled = None if tee is None else tee.enabled_at(record.tee_timestamp)
+        if tee is None or enabled is None:
             return "unknown_tee"
-        key = self._keys.get(record.tee_id) or self._keys.add(state.public_key)
+        key = parsed.get(record.tee_id)
+        if key is None:
+            invariant(tee.public_key is not None, "the registry omits only keys the pass holds")
+            try:
+                key = parsed[record.tee_id] = self._keys.add(tee.public_key)
+            except InvalidTeeKey:
+                return "invalid_signature"  # no signature verifies under an unusable key
         if not verify_record(record, key):  # a forgery is reported as such, enabled or not
             return "invalid_signature"
-        if not state.enabled_at_time:
+        if not enabled:
             return "tee_disabled"
         if pending.mode == "individual" and not _hashes_match(pending):
             return "hash_mismatch"
         return "valid"
 
-    @staticmethod
-    def _history_covers(tee_timestamp: int, pending: PendingAttestation, synced_to: Any) -> bool:
-        """Has the registry history up to `tee_timestamp` been read from the chain?"""
-        if synced_to is not None:
-            return synced_to.timestamp() >= tee_timestamp
-        return time.time() - pending.received_at.timestamp() > UNSYNCED_GRACE_S
-
 
 def _hashes_match(pending: PendingAttestation) -> bool:
-    """Individual records carry the request and response: recompute both hashes."""
+    """Individual records carry the request and response: recompute both hashes (chat or
+    completion, by the request's shape)."""
     try:
-        request = canonical_chat_request(pending.request_body)
-        response = chat_output_text(pending.response_body)
+        candidates = signed_hash_candidates(pending.request_body, pending.response_body)
     except (ValueError, TypeError, KeyError, AttributeError):
         return False
-    return (input_hash(request) == pending.record.input_hash
-            and output_hash(response) == pending.record.output_hash)
-
+    signed = (pending.record.input_hash, pending.record.output_hash)
+    return any(candidate == signed for candidate in candidates)

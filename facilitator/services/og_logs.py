@@ -8,11 +8,14 @@ their proofs, so an attestation can be shown on chain with a leaf index and a pr
 
 Guarantees: a TEE's key is read from the registry at the registration's block (the record the
 chain had then); a dump that cannot be fetched is retried, one that does not match is recorded
-with the reason (a finding), never silently skipped.
+with the reason (a finding), never silently skipped; a dump is parsed, verified and indexed in a
+worker thread, one at a time, so a large dump never blocks the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 from typing import Any
 
@@ -63,6 +66,7 @@ class OgLogs:
         self._relay = relay.lower()
         self._relayer = relayer.lower()
         self._blobs = blobs
+        self._dump_slot = asyncio.Lock()
 
     def log_filter(self) -> dict[str, Any]:
         return {"address": [self._registry, self._relay],
@@ -142,16 +146,17 @@ class OgLogs:
             return None  # retried next pass
         except (BlobNotFound, BlobStoreError) as exc:  # the store answered: no such blob
             return await self._record(batch, "unavailable", error=str(exc)[:200])
-        try:
-            tree = StandardMerkleTree.load(raw)
-        except (InvalidDump, ValueError) as exc:
-            return await self._record(batch, "malformed", error=str(exc)[:200])
+        async with self._dump_slot:  # one dump at a time off the loop: bounded CPU and memory
+            try:
+                tree, leaves = await asyncio.to_thread(_load_dump, raw)
+            except (InvalidDump, ValueError) as exc:
+                return await self._record(batch, "malformed", error=str(exc)[:200])
         facts = {"dump_root": tree.root, "leaf_count": len(tree)}
         if tree.root != batch.merkle_root:
             return await self._record(batch, "root_mismatch", **facts)
         if len(tree) != batch.batch_size or tuple(tree.leaf_encoding) != LEAF_ENCODING:
             return await self._record(batch, "size_mismatch", **facts)
-        return await self._record(batch, "valid", _leaves(tree), **facts)
+        return await self._record(batch, "valid", leaves, **facts)
 
     async def _record(self, batch: PendingBatch, status: str, leaves: list[Leaf] | None = None,
                       *, dump_root: bytes | None = None, leaf_count: int | None = None,
@@ -164,6 +169,15 @@ class OgLogs:
                         batch.merkle_root.hex(), status)
 
 
+def _load_dump(raw: bytes) -> tuple[StandardMerkleTree, list[Leaf]]:
+    """Parse and verify a dump and index its leaves with their proofs (CPU-bound: up to seconds
+    for a 65,536-leaf dump, so it runs in a worker thread). Leaves are only used when the dump
+    matches its batch; building them here keeps all the per-leaf work off the event loop."""
+    tree = StandardMerkleTree.load(raw)
+    leaves = _leaves(tree) if tuple(tree.leaf_encoding) == LEAF_ENCODING else []
+    return tree, leaves
+
+
 def _leaves(tree: StandardMerkleTree) -> list[Leaf]:
     leaves = []
     for index, value in enumerate(tree.values):
@@ -171,7 +185,7 @@ def _leaves(tree: StandardMerkleTree) -> list[Leaf]:
         leaves.append(Leaf(index=index, tee_id=_b(tee_id), input_hash=_b(input_hash),
                            output_hash=_b(output_hash), tee_signature=_b(signature),
                            tee_timestamp=int(timestamp),
-                           proof=["0x" + p.hex() for p in tree.proof(index)]))
+                           proof_json=json.dumps(["0x" + p.hex() for p in tree.proof(index)])))
     return leaves
 
 

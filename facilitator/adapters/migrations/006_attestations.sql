@@ -32,7 +32,7 @@ CREATE TABLE attestations (
     verified_at      timestamptz,
     relay_state      text NOT NULL DEFAULT 'none' CHECK (relay_state IN
                          ('none', 'queued', 'batched', 'submitted')),
-    relay_batch_id   bigint,                       -- our data relay's batch (og_relay_batches)
+    relay_batch_id   bigint,                       -- our data relay's batch (og_relay_submissions)
     received_at      timestamptz NOT NULL DEFAULT clock_timestamp(),
     UNIQUE (tee_id, input_hash, output_hash, tee_timestamp, session_ref)
 );
