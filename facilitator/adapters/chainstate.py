@@ -6,8 +6,11 @@ Guarantees:
   checkpoint in ONE transaction: after a crash either all of a range was processed or none, so
   a restarted watcher resumes exactly after its checkpoint (no block missed, none twice).
 - `revert_to` deletes every block above the common ancestor and everything derived from them,
-  and moves the affected settlements back to `broadcast`, in ONE transaction.
-- Every statement is parameterised; settlement updates are guarded by the expected state.
+  and anchors the checkpoint on the ancestor block (never a NULL hash), in ONE transaction.
+- A reorged inclusion goes back to `broadcast` with OUR transaction (its hash restored) when we
+  signed one, else to `pending`: it is settled again, never left `included` in an orphaned block.
+- Every statement is parameterised; settlement updates are guarded by the expected state; a
+  range's inclusions and transfers are one statement each, not one per log.
 """
 
 from __future__ import annotations
@@ -19,14 +22,95 @@ from typing import TypeVar
 
 import asyncpg
 
+from facilitator.adapters.store import (
+    SETTLEMENT_COLUMNS_S,
+    Inclusion,
+    SettlementRow,
+    mark_included_on,
+)
+from facilitator.core.settlement import SettledBy
 from facilitator.invariant import invariant
+from facilitator.protocol.fields import address_bytes, prefixed_hex
 
 T = TypeVar("T")
+M = TypeVar("M")
 
+_STORED_HASH = "SELECT hash FROM chain_blocks WHERE chain_id = $1 AND number = $2"
+# One statement per watcher step: record the node's head, read the checkpoint.
+_CURSOR = """
+    UPDATE chain_cursors SET chain_head = $2 WHERE chain_id = $1
+    RETURNING head_number, head_hash, halted_reason, accept_deep_reorg"""
+_INSERT_BLOCK = """
+    INSERT INTO chain_blocks (chain_id, number, hash, parent_hash, timestamp)
+    VALUES ($1, $2, $3, $4, $5)"""
+# The ancestor of a revert is the node's block at that height: equal to the stored one when we
+# kept it, else (pruned, or below the first processed block) stored now as the new anchor.
+_ANCHOR_BLOCK = _INSERT_BLOCK + """
+    ON CONFLICT (chain_id, number) DO UPDATE SET hash = EXCLUDED.hash,
+        parent_hash = EXCLUDED.parent_hash, timestamp = EXCLUDED.timestamp"""
 
-
-def _b(hex_value: str) -> bytes:
-    return bytes.fromhex(hex_value[2:])
+# A reorged inclusion: back to `broadcast` with our own transaction when we signed one (the
+# tracker re-sends its stored bytes), else to `pending` (someone else's transaction had settled
+# it: it is signed and sent again). Settled-by, block and inclusion facts are forgotten.
+_UNDO_INCLUSION = """
+    state = CASE WHEN s.signed_tx_hash IS NULL THEN 'pending' ELSE 'broadcast' END,
+    tx_hash = s.signed_tx_hash,
+    raw_tx = CASE WHEN s.signed_tx_hash IS NULL THEN NULL ELSE s.raw_tx END,
+    signer_nonce = CASE WHEN s.signed_tx_hash IS NULL THEN NULL ELSE s.signer_nonce END,
+    signed_at = CASE WHEN s.signed_tx_hash IS NULL THEN NULL ELSE s.signed_at END,
+    broadcast_at = CASE WHEN s.signed_tx_hash IS NULL THEN NULL
+                        ELSE COALESCE(s.broadcast_at, clock_timestamp()) END,
+    block_number = NULL, block_hash = NULL, log_index = NULL, included_at = NULL,
+    confirmed_at = NULL, settled_by = NULL"""
+_UNWIND_ORPHANED = """
+    UPDATE settlements s SET """ + _UNDO_INCLUSION + """
+    FROM chain_blocks b
+    WHERE s.chain_id = $1 AND s.state = 'included'
+      AND b.chain_id = $1 AND b.number = s.block_number AND b.hash <> s.block_hash
+    RETURNING """ + SETTLEMENT_COLUMNS_S
+_REVERT_SETTLEMENTS = """
+    UPDATE settlements s SET """ + _UNDO_INCLUSION + """
+    WHERE s.chain_id = $1 AND s.state = ANY($2::text[]) AND s.block_number > $3
+    RETURNING """ + SETTLEMENT_COLUMNS_S
+_WATCHED_PAYEES = """
+    SELECT p FROM unnest($2::bytea[]) AS p
+    WHERE EXISTS (SELECT 1 FROM settlements s WHERE s.pay_to = p AND s.chain_id = $1)"""
+# Unfinished settlements counted per state and age bucket (`width_bucket` over the bounds `$2`).
+_UNFINISHED_BY_AGE = """
+    SELECT state, width_bucket(extract(epoch FROM clock_timestamp() - created_at)::float8,
+                               $2::float8[]) AS bucket, count(*) AS n
+    FROM settlements
+    WHERE chain_id = $1 AND state IN ('pending', 'signed', 'broadcast', 'included')
+    GROUP BY 1, 2"""
+# Settlements a range's logs may include, and the transaction to look in for their Transfer:
+# - an EIP-3009 authorization of theirs was used (AuthorizationUsed) in that transaction: ours
+#   or someone else's (front-running);
+# - our own signed transaction is in the range (every method: Permit2 has no such event).
+_INCLUSION_CANDIDATES = """
+    SELECT s.id, s.signed_tx_hash, s.asset, s.payer, s.pay_to, s.amount, u.tx_hash AS in_tx
+    FROM unnest($2::bytea[], $3::bytea[], $4::bytea[], $5::bytea[])
+             AS u(asset, payer, nonce, tx_hash)
+    JOIN settlements s ON s.chain_id = $1 AND s.transfer_method = 'eip3009'
+         AND s.asset = u.asset AND s.payer = u.payer AND s.nonce = u.nonce
+    WHERE s.state IN ('pending', 'signed', 'broadcast')
+    UNION ALL
+    SELECT s.id, s.signed_tx_hash, s.asset, s.payer, s.pay_to, s.amount, s.tx_hash
+    FROM settlements s
+    WHERE s.chain_id = $1 AND s.tx_hash = ANY($6::bytea[])
+      AND s.state IN ('signed', 'broadcast')"""
+_RECORD_TRANSFERS = """
+    INSERT INTO chain_transfers (chain_id, block_number, block_hash, tx_hash, log_index, asset,
+        from_address, to_address, amount, settlement_id)
+    SELECT $1, u.block_number, u.block_hash, u.tx_hash, u.log_index, u.asset, u.sender,
+        u.recipient, u.amount,
+        (SELECT s.id FROM settlements s WHERE s.chain_id = $1 AND s.tx_hash = u.tx_hash
+           AND s.asset = u.asset AND s.payer = u.sender AND s.pay_to = u.recipient
+           AND s.amount = u.amount AND s.state IN ('included', 'confirmed') LIMIT 1)
+    FROM unnest($2::bigint[], $3::bytea[], $4::bytea[], $5::int[], $6::bytea[], $7::bytea[],
+                $8::bytea[], $9::numeric[])
+             AS u(block_number, block_hash, tx_hash, log_index, asset, sender, recipient, amount)
+    ON CONFLICT (chain_id, block_hash, log_index) DO NOTHING
+    RETURNING settlement_id IS NULL AS unmatched"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,22 +175,15 @@ class ChainState:
         self.chain_id = chain_id
         self.network = network
 
-    async def cursor(self) -> Cursor | None:
-        rec = await self.pool.fetchrow("""
-            SELECT head_number, head_hash, halted_reason, accept_deep_reorg FROM chain_cursors
-            WHERE chain_id = $1""", self.chain_id)
+    async def cursor(self, chain_head: int) -> Cursor | None:
+        """Record the node's head and read the checkpoint (None before the first block)."""
+        rec = await self.pool.fetchrow(_CURSOR, self.chain_id, chain_head)
         return None if rec is None else Cursor(rec["head_number"], bytes(rec["head_hash"]),
                                                rec["halted_reason"], rec["accept_deep_reorg"])
 
     async def stored_hash(self, number: int) -> bytes | None:
-        value = await self.pool.fetchval(
-            "SELECT hash FROM chain_blocks WHERE chain_id = $1 AND number = $2",
-            self.chain_id, number)
+        value = await self.pool.fetchval(_STORED_HASH, self.chain_id, number)
         return None if value is None else bytes(value)
-
-    async def record_chain_head(self, head: int) -> None:
-        await self.pool.execute(
-            "UPDATE chain_cursors SET chain_head = $2 WHERE chain_id = $1", self.chain_id, head)
 
     async def halt(self, reason: str) -> None:
         await self.pool.execute("""
@@ -128,11 +205,8 @@ class ChainState:
         in one transaction."""
         invariant(bool(blocks), "a range has at least one block")
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.executemany("""
-                INSERT INTO chain_blocks (chain_id, number, hash, parent_hash, timestamp)
-                VALUES ($1, $2, $3, $4, $5)""",
-                [(self.chain_id, b.number, b.hash, b.parent_hash,
-                  datetime.fromtimestamp(b.timestamp, UTC)) for b in blocks])
+            await conn.executemany(_INSERT_BLOCK, [_block_values(self.chain_id, b)
+                                                   for b in blocks])
             derived = await derive(conn)
             last = blocks[-1]
             await conn.execute("""
@@ -143,24 +217,23 @@ class ChainState:
                 last.hash)
         return derived
 
-    async def revert_to(self, ancestor: int,
-                        undo: Callable[[asyncpg.Connection, int], Awaitable[list[int]]]
-                        ) -> list[int]:
-        """Undo everything above block `ancestor` in one transaction: `undo` removes what was
-        derived from those blocks (and returns the ids it moved); the blocks and checkpoint
-        follow."""
+    async def revert_to(self, ancestor: Block,
+                        undo: Callable[[asyncpg.Connection, int], Awaitable[list[M]]]
+                        ) -> list[M]:
+        """Undo everything above block `ancestor` (the node's block at the common height) in one
+        transaction: `undo` removes what was derived from those blocks (and returns what it
+        moved); the blocks follow, and the checkpoint is anchored on `ancestor`, stored too
+        when we no longer kept it (pruned, or older than the first processed block)."""
         async with self.pool.acquire() as conn, conn.transaction():
-            moved = await undo(conn, ancestor)
+            moved = await undo(conn, ancestor.number)
             await conn.execute(
                 "DELETE FROM chain_blocks WHERE chain_id = $1 AND number > $2", self.chain_id,
-                ancestor)
-            ancestor_hash = await conn.fetchval(
-                "SELECT hash FROM chain_blocks WHERE chain_id = $1 AND number = $2",
-                self.chain_id, ancestor)
+                ancestor.number)
+            await conn.execute(_ANCHOR_BLOCK, *_block_values(self.chain_id, ancestor))
             await conn.execute("""
                 UPDATE chain_cursors SET head_number = $2, head_hash = $3,
                     accept_deep_reorg = false, updated_at = clock_timestamp()
-                WHERE chain_id = $1""", self.chain_id, ancestor, ancestor_hash)
+                WHERE chain_id = $1""", self.chain_id, ancestor.number, ancestor.hash)
         return moved
 
     async def prune(self, keep_from: int) -> None:
@@ -169,17 +242,24 @@ class ChainState:
             keep_from)
 
 
+def _block_values(chain_id: int, b: Block) -> tuple[object, ...]:
+    return (chain_id, b.number, b.hash, b.parent_hash, datetime.fromtimestamp(b.timestamp, UTC))
+
+
 class PaymentChainState(ChainState):
     """The payment chain's derived facts: settlement inclusions seen in logs, confirmations,
     watched transfers."""
 
     async def watched_payees(self, candidates: Sequence[str], configured: frozenset[str]
                              ) -> set[str]:
-        """Which of these recipients we watch: configured payees and every settlement's payTo."""
-        rows = await self.pool.fetch(
-            "SELECT DISTINCT pay_to FROM settlements WHERE chain_id = $1 AND pay_to = ANY($2)",
-            self.chain_id, [_b(c) for c in candidates])
-        return {"0x" + bytes(r["pay_to"]).hex() for r in rows} | (set(candidates) & configured)
+        """Which of these recipients we watch: configured payees and every settlement's payTo
+        (one index probe per candidate, not a read of every settlement a payee had)."""
+        found: set[str] = set()
+        if candidates:
+            rows = await self.pool.fetch(_WATCHED_PAYEES, self.chain_id,
+                                         [address_bytes(c) for c in candidates])
+            found = {prefixed_hex(r["p"]) or "" for r in rows}
+        return found | (set(candidates) & configured)
 
     async def confirm(self, depth: int) -> list[Confirmed]:
         """included -> confirmed for settlements buried `depth` blocks deep in OUR canonical
@@ -195,46 +275,35 @@ class PaymentChainState(ChainState):
         return [Confirmed(r["id"], r["settled_by"], r["created_at"], r["included_at"],
                           r["confirmed_at"]) for r in rows]
 
-    async def unwind_orphaned_inclusions(self) -> list[int]:
-        """included -> broadcast for settlements whose recorded block is not the processed
-        block at that height (their inclusion was reorged out before the watcher saw it)."""
-        rows = await self.pool.fetch("""
-            UPDATE settlements s SET state = 'broadcast', block_number = NULL, block_hash = NULL,
-                log_index = NULL, included_at = NULL, settled_by = NULL
-            FROM chain_blocks b
-            WHERE s.chain_id = $1 AND s.state = 'included' AND s.raw_tx IS NOT NULL
-              AND b.chain_id = $1 AND b.number = s.block_number AND b.hash <> s.block_hash
-            RETURNING s.id""", self.chain_id)
-        return [r["id"] for r in rows]
+    async def unwind_orphaned_inclusions(self) -> list[SettlementRow]:
+        """Settlements whose recorded block is not the processed block at that height (their
+        inclusion was reorged out before the watcher saw it) go back to `broadcast`, or to
+        `pending` when the including transaction was not ours."""
+        rows = await self.pool.fetch(_UNWIND_ORPHANED, self.chain_id)
+        return [SettlementRow.from_record(r) for r in rows]
 
     async def confirmed_above(self, ancestor: int) -> int:
         return int(await self.pool.fetchval("""
             SELECT count(*) FROM settlements WHERE chain_id = $1 AND state = 'confirmed'
               AND block_number > $2""", self.chain_id, ancestor))
 
-    async def unfinished_by_age(self) -> list[tuple[str, float]]:
-        rows = await self.pool.fetch("""
-            SELECT state, extract(epoch FROM clock_timestamp() - created_at) AS age
-            FROM settlements WHERE chain_id = $1
-              AND state IN ('pending', 'signed', 'broadcast', 'included')""", self.chain_id)
-        return [(r["state"], float(r["age"])) for r in rows]
+    async def unfinished_by_age(self, bounds_s: Sequence[float]) -> list[tuple[str, int, int]]:
+        """(state, age bucket, count) of unfinished settlements, counted in SQL: bucket i is
+        `bounds_s[i-1] <= age < bounds_s[i]` (0: below the first bound)."""
+        rows = await self.pool.fetch(_UNFINISHED_BY_AGE, self.chain_id, list(bounds_s))
+        return [(r["state"], r["bucket"], r["n"]) for r in rows]
 
     async def revert_settlements(self, conn: asyncpg.Connection, ancestor: int,
-                                 allow_confirmed: bool) -> list[int]:
-        """Settlements included above `ancestor` go back to `broadcast` (confirmed ones only
-        when an operator accepted a deep reorg); their observed transfers are forgotten."""
+                                 allow_confirmed: bool) -> list[SettlementRow]:
+        """Settlements included above `ancestor` go back to `broadcast` or `pending` (confirmed
+        ones only when an operator accepted a deep reorg); their observed transfers are
+        forgotten. Returns the moved rows as they are now."""
         states = ["included", "confirmed"] if allow_confirmed else ["included"]
-        moved = await conn.fetch("""
-            UPDATE settlements SET state = 'broadcast', block_number = NULL,
-                block_hash = NULL, log_index = NULL, included_at = NULL, confirmed_at = NULL,
-                broadcast_at = COALESCE(broadcast_at, clock_timestamp()), settled_by = NULL
-            WHERE chain_id = $1 AND state = ANY($2::text[]) AND block_number > $3
-              AND raw_tx IS NOT NULL
-            RETURNING id""", self.chain_id, states, ancestor)
+        moved = await conn.fetch(_REVERT_SETTLEMENTS, self.chain_id, states, ancestor)
         await conn.execute(
             "DELETE FROM chain_transfers WHERE chain_id = $1 AND block_number > $2",
             self.chain_id, ancestor)
-        return [r["id"] for r in moved]
+        return [SettlementRow.from_record(r) for r in moved]
 
     async def derive_payments(self, conn: asyncpg.Connection, transfers: Sequence[TransferLog],
                               uses: Sequence[AuthorizationUse]) -> RangeResult:
@@ -246,60 +315,53 @@ class PaymentChainState(ChainState):
 async def _record_inclusions(conn: asyncpg.Connection, chain_id: int,
                              transfers: Sequence[TransferLog], uses: Sequence[AuthorizationUse]
                              ) -> tuple[list[int], list[int]]:
-    """A settlement is included when an AuthorizationUsed(payer, nonce) of its asset appears in a
-    transaction that also carries its Transfer(payer, payTo, amount): by our transaction, or by
-    someone else's (front-running, settled_by = external)."""
-    included: list[int] = []
-    external: list[int] = []
-    for use in uses:
-        row = await conn.fetchrow("""
-            SELECT id, tx_hash, pay_to, amount FROM settlements
-            WHERE chain_id = $1 AND asset = $2 AND payer = $3 AND nonce = $4
-              AND state IN ('pending', 'signed', 'broadcast')""",
-            chain_id, _b(use.asset), _b(use.payer), use.nonce)
-        if row is None:
+    """A settlement is included when a transaction of the range carries its Transfer(payer,
+    payTo, amount) and either used its EIP-3009 authorization (by us, or by someone else:
+    front-running, settled_by = external) or is our own signed transaction (any method).
+    One read for the candidates, one update for the inclusions."""
+    if not uses and not transfers:
+        return [], []
+    candidates = await conn.fetch(
+        _INCLUSION_CANDIDATES, chain_id, [address_bytes(u.asset) for u in uses],
+        [address_bytes(u.payer) for u in uses], [u.nonce for u in uses],
+        [u.tx_hash for u in uses], list({t.tx_hash for t in transfers}))
+    found: dict[int, Inclusion] = {}
+    for row in candidates:
+        if row["id"] in found:
             continue
-        transfer = _matching_transfer(transfers, use, "0x" + bytes(row["pay_to"]).hex(),
+        in_tx = bytes(row["in_tx"])
+        transfer = _matching_transfer(transfers, in_tx, prefixed_hex(row["asset"]),
+                                      prefixed_hex(row["payer"]), prefixed_hex(row["pay_to"]),
                                       int(row["amount"]))
         if transfer is None:
             continue  # consumed without paying what was promised (e.g. cancelled): not ours
-        by = "facilitator" if row["tx_hash"] is not None and bytes(row["tx_hash"]) == use.tx_hash \
-            else "external"
-        moved = await conn.fetchval("""
-            UPDATE settlements SET state = 'included', tx_hash = $2, block_number = $3,
-                block_hash = $4, log_index = $5, settled_by = $6, included_at = clock_timestamp()
-            WHERE id = $1 AND state IN ('pending', 'signed', 'broadcast') RETURNING id""",
-            row["id"], use.tx_hash, use.block_number, use.block_hash, transfer.log_index, by)
-        if moved is not None:
-            included.append(moved)
-            if by == "external":
-                external.append(moved)
+        ours = row["signed_tx_hash"] is not None and bytes(row["signed_tx_hash"]) == in_tx
+        found[row["id"]] = Inclusion(
+            settlement_id=row["id"], tx_hash=in_tx, block_number=transfer.block_number,
+            block_hash=transfer.block_hash, log_index=transfer.log_index,
+            settled_by=SettledBy.FACILITATOR if ours else SettledBy.EXTERNAL)
+    moved = await mark_included_on(conn, list(found.values()))
+    included = sorted(moved)
+    external = [i for i in included if found[i].settled_by is SettledBy.EXTERNAL]
     return included, external
 
 
-def _matching_transfer(transfers: Sequence[TransferLog], use: AuthorizationUse, pay_to: str,
-                       amount: int) -> TransferLog | None:
-    return next((t for t in transfers if t.tx_hash == use.tx_hash and t.asset == use.asset
-                 and t.sender == use.payer and t.recipient == pay_to and t.amount == amount), None)
+def _matching_transfer(transfers: Sequence[TransferLog], tx_hash: bytes, asset: str | None,
+                       payer: str | None, pay_to: str | None, amount: int) -> TransferLog | None:
+    return next((t for t in transfers if t.tx_hash == tx_hash and t.asset == asset
+                 and t.sender == payer and t.recipient == pay_to and t.amount == amount), None)
 
 
 async def _record_transfers(conn: asyncpg.Connection, chain_id: int,
                             transfers: Sequence[TransferLog]) -> int:
-    """Store each watched transfer, linked to the settlement it pays when there is one."""
-    unmatched = 0
-    for t in transfers:
-        settlement_id = await conn.fetchval("""
-            SELECT id FROM settlements WHERE chain_id = $1 AND tx_hash = $2 AND asset = $3
-              AND payer = $4 AND pay_to = $5 AND amount = $6
-              AND state IN ('included', 'confirmed') LIMIT 1""",
-            chain_id, t.tx_hash, _b(t.asset), _b(t.sender), _b(t.recipient), t.amount)
-        inserted = await conn.fetchval("""
-            INSERT INTO chain_transfers (chain_id, block_number, block_hash, tx_hash, log_index,
-                asset, from_address, to_address, amount, settlement_id)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-            ON CONFLICT (chain_id, block_hash, log_index) DO NOTHING RETURNING 1""",
-            chain_id, t.block_number, t.block_hash, t.tx_hash, t.log_index, _b(t.asset),
-            _b(t.sender), _b(t.recipient), t.amount, settlement_id)
-        if inserted is not None and settlement_id is None:
-            unmatched += 1
-    return unmatched
+    """Store each watched transfer, linked to the settlement it pays when there is one; returns
+    how many newly stored ones pay no settlement."""
+    if not transfers:
+        return 0
+    rows = await conn.fetch(
+        _RECORD_TRANSFERS, chain_id, [t.block_number for t in transfers],
+        [t.block_hash for t in transfers], [t.tx_hash for t in transfers],
+        [t.log_index for t in transfers], [address_bytes(t.asset) for t in transfers],
+        [address_bytes(t.sender) for t in transfers],
+        [address_bytes(t.recipient) for t in transfers], [t.amount for t in transfers])
+    return sum(1 for r in rows if r["unmatched"])

@@ -2,8 +2,12 @@
 
 Guarantees:
 - All SQL is parameterised (`$n`); no value is ever formatted into a statement.
-- `claim` is the only way a settlement row comes to exist, and the UNIQUE constraint on
-  (chain_id, asset, payer, nonce) makes it at-most-once across processes and restarts.
+- `claim` is the only way a settlement row comes to exist, and a unique index per transfer
+  method (EIP-3009: chain_id, asset, payer, nonce; Permit2: chain_id, payer, nonce) makes it
+  at-most-once across processes and restarts.
+- `tx_hash` is the transaction that settled the row (in flight: the one we sent);
+  `signed_tx_hash` is our own signed transaction's (kept by a database trigger: copied while
+  signed/broadcast, cleared with `raw_tx`), so a reorg can restore it.
 - Every state change goes through a guarded UPDATE (`WHERE state = <expected>`), so a stale
   writer changes nothing; the database trigger independently rejects illegal transitions.
 - Migrations apply in order, each in its own transaction, under an advisory lock, so concurrent
@@ -22,6 +26,7 @@ import asyncpg
 
 from facilitator.core.settlement import SettlementIntent, SettledBy, State
 from facilitator.invariant import invariant
+from facilitator.protocol.fields import address_bytes, prefixed_hex
 
 MIGRATION_LOCK_KEY = 0x7834_3032  # "x402": serialises concurrent migrators
 SETTLEMENT_COLUMNS = """id, public_id, scheme, x402_version, network, chain_id, asset, payer,
@@ -29,22 +34,33 @@ SETTLEMENT_COLUMNS = """id, public_id, scheme, x402_version, network, chain_id, 
     state, reason, message, settled_by, signer, signer_nonce, gas_limit, max_fee_per_gas, tx_hash,
     raw_tx, block_number, block_hash, log_index, attempts, created_at, signed_at, broadcast_at,
     included_at, confirmed_at, failed_at, updated_at, success_answers, success_answered_at,
-    transfer_method, cap_amount"""
+    transfer_method, cap_amount, signed_tx_hash"""
+# The same columns of `settlements s`, for statements that join another table.
+SETTLEMENT_COLUMNS_S = ", ".join("s." + c.strip() for c in SETTLEMENT_COLUMNS.split(","))
 
 # Statements are constant text: SETTLEMENT_COLUMNS is joined in here, once; values are `$n`.
 _SELECT = "SELECT " + SETTLEMENT_COLUMNS + " FROM settlements "
 _RETURNING = " RETURNING " + SETTLEMENT_COLUMNS
-_CLAIM = """
+_INSERT = """
     INSERT INTO settlements (scheme, x402_version, network, chain_id, asset, payer, pay_to,
         amount, nonce, valid_after, valid_before, signature, fingerprint, call_to,
         calldata, transfer_method, cap_amount, state)
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
-            'pending')
-    ON CONFLICT DO NOTHING""" + _RETURNING
-# Permit2 nonces are per owner, whatever the token; EIP-3009 nonces per token and payer.
+            'pending')"""
+# Each method's key is its own partial unique index, named as the conflict target, so a row of
+# the other method never stops a claim (the payer chooses both nonces).
+# EIP-3009 nonces are per token and payer; Permit2 nonces per owner, whatever the token.
+_CLAIM_EIP3009 = _INSERT + """
+    ON CONFLICT (chain_id, asset, payer, nonce) WHERE transfer_method = 'eip3009'
+    DO NOTHING""" + _RETURNING
+_CLAIM_PERMIT2 = _INSERT + """
+    ON CONFLICT (chain_id, payer, nonce) WHERE transfer_method = 'permit2'
+    DO NOTHING""" + _RETURNING
 _CLAIMED_PERMIT2 = _SELECT + """
     WHERE chain_id = $1 AND payer = $2 AND nonce = $3 AND transfer_method = 'permit2'"""
-_CLAIMED_EIP3009 = _SELECT + "WHERE chain_id = $1 AND asset = $2 AND payer = $3 AND nonce = $4"
+_CLAIMED_EIP3009 = _SELECT + """
+    WHERE chain_id = $1 AND asset = $2 AND payer = $3 AND nonce = $4
+      AND transfer_method = 'eip3009'"""
 _RECLAIM_FAILED = """
     UPDATE settlements SET state = 'pending', x402_version = $2, network = $3,
         pay_to = $4, amount = $5, valid_after = $6, valid_before = $7, signature = $8,
@@ -54,18 +70,32 @@ _RECLAIM_FAILED = """
         signer_nonce = NULL, gas_limit = NULL, max_fee_per_gas = NULL,
         signed_at = NULL, broadcast_at = NULL, attempts = attempts + 1
     WHERE id = $1 AND state = 'failed'""" + _RETURNING
+# An inclusion (seen in a receipt or in the chain watcher's logs) of in-flight rows. `tx_hash`
+# becomes the including transaction; `signed_tx_hash` keeps ours, if we signed one.
+_MARK_INCLUDED = """
+    UPDATE settlements s SET state = 'included', tx_hash = u.tx_hash,
+        block_number = u.block_number, block_hash = u.block_hash,
+        log_index = u.log_index, settled_by = u.settled_by, included_at = clock_timestamp()
+    FROM unnest($1::bigint[], $2::bytea[], $3::bigint[], $4::bytea[], $5::int[], $6::text[])
+             AS u(id, tx_hash, block_number, block_hash, log_index, settled_by)
+    WHERE s.id = u.id AND s.state IN ('pending', 'signed', 'broadcast')
+    RETURNING s.id"""
+_MARK_NEEDS_RESIGN = """
+    UPDATE settlements SET state = 'pending', raw_tx = NULL, signer_nonce = NULL,
+        signed_at = NULL, broadcast_at = NULL
+    WHERE id = $1 AND state IN ('signed', 'broadcast')""" + _RETURNING
+# In-flight rows of a chain that no task of this process holds (`$2`), unchanged for `$3`
+# seconds, signed by us (`$4`) or by nobody yet; served by the settlements_unfinished index.
+_UNHELD = _SELECT + """
+    WHERE chain_id = $1 AND state IN ('pending', 'signed', 'broadcast')
+      AND id <> ALL($2::bigint[])
+      AND updated_at < clock_timestamp() - make_interval(secs => $3)
+      AND (signer IS NULL OR $4::bytea IS NULL OR signer = $4)
+    ORDER BY id LIMIT $5"""
 _COUNT_SUCCESS_ANSWER = """
     UPDATE settlements SET success_answers = success_answers + 1,
         success_answered_at = COALESCE(success_answered_at, clock_timestamp())
     WHERE id = $1""" + _RETURNING
-
-
-def _b(hex_address: str) -> bytes:
-    return bytes.fromhex(hex_address[2:])
-
-
-def _h(raw: bytes | None) -> str | None:
-    return None if raw is None else "0x" + raw.hex()
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,12 +142,13 @@ class SettlementRow:
     success_answered_at: datetime | None
     transfer_method: str
     cap_amount: int | None
+    signed_tx_hash: bytes | None  # our own signed transaction's hash (tx_hash: the settling one)
 
     @classmethod
     def from_record(cls, rec: asyncpg.Record) -> SettlementRow:
         values = dict(rec)
         for key in ("asset", "payer", "pay_to", "call_to", "signer"):
-            values[key] = _h(values[key])
+            values[key] = prefixed_hex(values[key])
         for key in ("amount", "valid_after", "valid_before", "max_fee_per_gas", "cap_amount"):
             if values[key] is not None:
                 values[key] = int(values[key])
@@ -127,7 +158,7 @@ class SettlementRow:
 
     @property
     def tx_hash_hex(self) -> str:
-        return _h(self.tx_hash) or ""
+        return prefixed_hex(self.tx_hash) or ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,15 +234,17 @@ class Store:
     async def claim(self, intent: SettlementIntent) -> Claim:
         """Insert the write-ahead row for this authorization, or return the one that exists."""
         values = _intent_values(intent)
-        rec = await self.pool.fetchrow(_CLAIM, *values)
+        permit2 = intent.transfer_method == "permit2"
+        rec = await self.pool.fetchrow(_CLAIM_PERMIT2 if permit2 else _CLAIM_EIP3009, *values)
         if rec is not None:
             return Claim(SettlementRow.from_record(rec), created=True)
-        if intent.transfer_method == "permit2":
+        if permit2:
             existing = await self.pool.fetchrow(_CLAIMED_PERMIT2, intent.chain_id,
-                                                _b(intent.payer), intent.nonce)
+                                                address_bytes(intent.payer), intent.nonce)
         else:
-            existing = await self.pool.fetchrow(_CLAIMED_EIP3009, intent.chain_id,
-                                                _b(intent.asset), _b(intent.payer), intent.nonce)
+            existing = await self.pool.fetchrow(
+                _CLAIMED_EIP3009, intent.chain_id, address_bytes(intent.asset),
+                address_bytes(intent.payer), intent.nonce)
         invariant(existing is not None, "a conflicting row must exist")
         return Claim(SettlementRow.from_record(existing), created=False)
 
@@ -220,9 +253,10 @@ class Store:
         """failed -> pending for a new attempt (possibly with a new payload for the same
         authorization nonce). Only one concurrent caller wins; the others get None."""
         rec = await self.pool.fetchrow(
-            _RECLAIM_FAILED, settlement_id, intent.x402_version, intent.network, _b(intent.pay_to),
-            intent.amount, intent.valid_after, intent.valid_before, intent.signature,
-            intent.fingerprint, _b(intent.call_to), intent.calldata, intent.cap_amount)
+            _RECLAIM_FAILED, settlement_id, intent.x402_version, intent.network,
+            address_bytes(intent.pay_to), intent.amount, intent.valid_after, intent.valid_before,
+            intent.signature, intent.fingerprint, address_bytes(intent.call_to), intent.calldata,
+            intent.cap_amount)
         return None if rec is None else SettlementRow.from_record(rec)
 
     # -- state transitions --------------------------------------------------------------------
@@ -238,7 +272,7 @@ class Store:
                  AS u(id, signer, signer_nonce, tx_hash, raw_tx, gas_limit, max_fee)
             WHERE s.id = u.id AND s.state = 'pending'
             RETURNING s.id""",
-            [b.settlement_id for b in batch], [_b(b.signer) for b in batch],
+            [b.settlement_id for b in batch], [address_bytes(b.signer) for b in batch],
             [b.signer_nonce for b in batch], [b.tx_hash for b in batch],
             [b.raw_tx for b in batch], [b.gas_limit for b in batch],
             [b.max_fee_per_gas for b in batch])
@@ -251,20 +285,8 @@ class Store:
         return {r["id"] for r in rows}
 
     async def mark_included(self, batch: Sequence[Inclusion]) -> set[int]:
-        rows = await self.pool.fetch("""
-            UPDATE settlements s SET state = 'included', tx_hash = u.tx_hash,
-                block_number = u.block_number, block_hash = u.block_hash,
-                log_index = u.log_index, settled_by = u.settled_by,
-                included_at = clock_timestamp()
-            FROM unnest($1::bigint[], $2::bytea[], $3::bigint[], $4::bytea[], $5::int[],
-                        $6::text[])
-                     AS u(id, tx_hash, block_number, block_hash, log_index, settled_by)
-            WHERE s.id = u.id AND s.state IN ('pending', 'signed', 'broadcast')
-            RETURNING s.id""",
-            [b.settlement_id for b in batch], [b.tx_hash for b in batch],
-            [b.block_number for b in batch], [b.block_hash for b in batch],
-            [b.log_index for b in batch], [str(b.settled_by) for b in batch])
-        return {r["id"] for r in rows}
+        """pending|signed|broadcast -> included for a batch; returns the ids that moved."""
+        return await mark_included_on(self.pool, batch)
 
     async def mark_failed(self, settlement_id: int, reason: str, message: str,
                           *, tx_hash: bytes | None = None, block_number: int | None = None,
@@ -287,14 +309,12 @@ class Store:
         invariant(rec is not None, "a claimed row never disappears")
         return SettlementRow.from_record(rec)
 
-    async def mark_needs_resign(self, settlement_id: int) -> bool:
+    async def mark_needs_resign(self, settlement_id: int) -> SettlementRow | None:
         """signed|broadcast -> pending: these bytes can never be mined (their signer nonce was
-        taken by another transaction); the authorization needs a new transaction."""
-        result = await self.pool.execute("""
-            UPDATE settlements SET state = 'pending', raw_tx = NULL, signer_nonce = NULL,
-                signed_at = NULL, broadcast_at = NULL
-            WHERE id = $1 AND state IN ('signed', 'broadcast')""", settlement_id)
-        return result.endswith(" 1")
+        taken by another transaction); the authorization needs a new transaction. Returns the
+        moved row, None when it was not in those states."""
+        rec = await self.pool.fetchrow(_MARK_NEEDS_RESIGN, settlement_id)
+        return None if rec is None else SettlementRow.from_record(rec)
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -305,8 +325,10 @@ class Store:
     async def find(self, key: str) -> SettlementRow | None:
         """By public id (uuid) or by transaction hash (0x + 64 hex)."""
         if key.startswith("0x") and len(key) == 66:
-            rec = await self.pool.fetchrow(
-                _SELECT + "WHERE tx_hash = $1 ORDER BY id DESC LIMIT 1", bytes.fromhex(key[2:]))
+            # The settling transaction, or ours when another one settled the payment.
+            rec = await self.pool.fetchrow(_SELECT + """
+                WHERE tx_hash = $1 OR (signed_tx_hash = $1 AND signed_tx_hash <> tx_hash)
+                ORDER BY id DESC LIMIT 1""", bytes.fromhex(key[2:]))
         else:
             rec = await self.pool.fetchrow(_SELECT + "WHERE public_id = $1::uuid", key)
         return None if rec is None else SettlementRow.from_record(rec)
@@ -318,11 +340,20 @@ class Store:
             chain_id)
         return [SettlementRow.from_record(r) for r in recs]
 
+    async def unheld(self, chain_id: int, held: Sequence[int], *, unchanged_for_s: float,
+                     signer: str | None, limit: int) -> list[SettlementRow]:
+        """In-flight rows of this chain that are not in `held` and have not changed for
+        `unchanged_for_s`: signed or broadcast by `signer` (None: any), or pending with no
+        signer. What the serving process must adopt (e.g. moved back by a separate watcher)."""
+        recs = await self.pool.fetch(_UNHELD, chain_id, list(held), unchanged_for_s,
+                                     None if signer is None else address_bytes(signer), limit)
+        return [SettlementRow.from_record(r) for r in recs]
+
     async def max_signer_nonce(self, chain_id: int, signer: str) -> int | None:
         return await self.pool.fetchval("""
             SELECT max(signer_nonce) FROM settlements
             WHERE chain_id = $1 AND signer = $2 AND state IN ('signed', 'broadcast')""",
-            chain_id, _b(signer))
+            chain_id, address_bytes(signer))
 
     async def timeline(self, settlement_id: int) -> list[dict[str, Any]]:
         recs = await self.pool.fetch("""
@@ -342,11 +373,25 @@ VERIFICATION_COLUMNS = ("at", "endpoint", "request_id", "scheme", "x402_version"
                         "fingerprint", "is_valid", "reason")
 
 
+async def mark_included_on(conn: asyncpg.Pool | asyncpg.Connection,
+                           batch: Sequence[Inclusion]) -> set[int]:
+    """_MARK_INCLUDED on a pool or on a connection in a transaction (the chain watcher's)."""
+    if not batch:
+        return set()
+    rows = await conn.fetch(
+        _MARK_INCLUDED, [b.settlement_id for b in batch], [b.tx_hash for b in batch],
+        [b.block_number for b in batch], [b.block_hash for b in batch],
+        [b.log_index for b in batch], [str(b.settled_by) for b in batch])
+    return {r["id"] for r in rows}
+
+
 def _intent_values(intent: SettlementIntent) -> tuple[Any, ...]:
     return (intent.scheme, intent.x402_version, intent.network, intent.chain_id,
-            _b(intent.asset), _b(intent.payer), _b(intent.pay_to), intent.amount, intent.nonce,
-            intent.valid_after, intent.valid_before, intent.signature, intent.fingerprint,
-            _b(intent.call_to), intent.calldata, intent.transfer_method, intent.cap_amount)
+            address_bytes(intent.asset), address_bytes(intent.payer),
+            address_bytes(intent.pay_to), intent.amount, intent.nonce, intent.valid_after,
+            intent.valid_before, intent.signature, intent.fingerprint,
+            address_bytes(intent.call_to), intent.calldata, intent.transfer_method,
+            intent.cap_amount)
 
 
 def _migration_files() -> list[tuple[str, str]]:

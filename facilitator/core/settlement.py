@@ -46,11 +46,13 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     State.SIGNED: frozenset({State.BROADCAST, State.PENDING, State.INCLUDED, State.FAILED,
                              State.EXPIRED}),
     State.BROADCAST: frozenset({State.INCLUDED, State.PENDING, State.FAILED, State.EXPIRED}),
-    # included -> broadcast: the block was reorged out; the transaction is pending again.
-    State.INCLUDED: frozenset({State.CONFIRMED, State.BROADCAST}),
-    # confirmed -> broadcast: a reorg deeper than the confirmation depth, accepted by an operator
-    # who resumed the halted watcher. Never automatic.
-    State.CONFIRMED: frozenset({State.BROADCAST}),
+    # included -> broadcast: the block was reorged out; our transaction is pending again.
+    # included -> pending: the block was reorged out and the payment had been settled by
+    # someone else's transaction (we hold none of our own): it must be settled again.
+    State.INCLUDED: frozenset({State.CONFIRMED, State.BROADCAST, State.PENDING}),
+    # confirmed -> broadcast|pending: the same, for a reorg deeper than the confirmation depth,
+    # accepted by an operator who resumed the halted watcher. Never automatic.
+    State.CONFIRMED: frozenset({State.BROADCAST, State.PENDING}),
     State.FAILED: frozenset({State.PENDING}),
     State.EXPIRED: frozenset(),
 }

@@ -98,6 +98,20 @@ def hex_bytes(value: Any, field: str, *, length: int | None = None,
     return raw
 
 
+def address_bytes(addr: str) -> bytes:
+    """The 20 raw bytes of an 0x-prefixed address (as stored in `bytea` columns). For values
+    already validated (`address`); the length is checked, not the checksum."""
+    raw = bytes.fromhex(addr[2:])
+    if len(raw) != 20:
+        raise ValueError(f"not a 20-byte address: {addr!r}")
+    return raw
+
+
+def prefixed_hex(raw: bytes | None) -> str | None:
+    """0x-prefixed lower-case hex of stored bytes (None stays None)."""
+    return None if raw is None else "0x" + bytes(raw).hex()
+
+
 @lru_cache(maxsize=65_536)
 def to_checksum(addr: str) -> str:
     """EIP-55 checksum form of a 0x-prefixed address (any case). Cached: the same payers, payees

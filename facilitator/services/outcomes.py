@@ -42,6 +42,10 @@ class OutcomeBoard:
         future = self._futures.get(settlement_id)
         return future is not None and not future.done()
 
+    def unresolved(self) -> set[int]:
+        """The settlements whose outcome some task of this process is still producing."""
+        return {i for i, future in self._futures.items() if not future.done()}
+
     def resolve(self, settlement_id: int, outcome: Outcome) -> None:
         key = self._key_of.pop(settlement_id, None)
         if key is not None and self._settlement_of.get(key) == settlement_id:

@@ -3,9 +3,13 @@ EIP-3009 AuthorizationUsed events.
 
 Guarantees: a settlement becomes `included` from the logs when its authorization was used in a
 transaction that also paid exactly what it promised (by us, or by a front-runner:
-settled_by = external); a transfer to a watched payee that matches no settlement is kept as
-unmatched; settlements buried `confirmations` blocks deep in the processed canonical chain
-become `confirmed`; a reorg sends affected settlements back to `broadcast` and to the tracker.
+settled_by = external), or when our own signed transaction (any method, Permit2 included) paid
+it; a transfer to a watched payee that matches no settlement is kept as unmatched; settlements
+buried `confirmations` blocks deep in the processed canonical chain become `confirmed`; a reorg
+sends affected settlements back to `broadcast` (our transaction) or `pending` (settled by someone
+else's) and hands them to `on_reorged`. When the watcher runs in its own process
+(`facilitator watch`), nothing is handed over: the serving process's tracker adopts such rows
+from the database (Tracker.sweep).
 """
 
 from __future__ import annotations
@@ -23,12 +27,19 @@ from facilitator.adapters.chainstate import (
     TransferLog,
 )
 from facilitator.adapters.metrics import AGE_BUCKETS, Metrics, age_bucket
+from facilitator.adapters.store import SettlementRow
 from facilitator.core.abi import AUTHORIZATION_USED_TOPIC, TRANSFER_TOPIC
+from facilitator.invariant import invariant
 from facilitator.protocol.networks import Network
 from facilitator.services.watcher import Derive, WatcherPolicy
 
 TRANSFER = "0x" + TRANSFER_TOPIC.hex()
 AUTHORIZATION_USED = "0x" + AUTHORIZATION_USED_TOPIC.hex()
+UNFINISHED_STATES = ("pending", "signed", "broadcast", "included")
+# Lower bounds of the age buckets after the first, in seconds (counted in SQL).
+AGE_BOUNDS_S = (30.0, 300.0, 3600.0)
+_BUCKET_LABELS = tuple(age_bucket(b) for b in (0.0, *AGE_BOUNDS_S))
+invariant(_BUCKET_LABELS == AGE_BUCKETS, "AGE_BOUNDS_S must match metrics.age_bucket")
 
 
 class PaymentLogs:
@@ -38,10 +49,8 @@ class PaymentLogs:
         self._state = state
         self._metrics = metrics
         self._policy = policy
-        # Settlements moved back to `broadcast` by a reorg are handed to the tracker.
-        self.on_reorged: Callable[[list[int]], Awaitable[None]] = _ignore
-        # Periodic work of other components that should run while the chain is watched.
-        self.after_step: Callable[[], Awaitable[None]] = _nothing
+        # Settlements moved back by a reorg (as they are now), for the tracker of this process.
+        self.on_reorged: Callable[[list[SettlementRow]], Awaitable[None]] = _ignore
 
     def log_filter(self) -> dict[str, Any]:
         return {"address": [a.address for a in self.network.assets],
@@ -65,13 +74,14 @@ class PaymentLogs:
         for _ in result.external:
             self._metrics.settlement_failures.labels(net, "front_run").inc()
 
-    async def undo(self, conn: asyncpg.Connection, ancestor: int, accept: bool) -> list[int]:
+    async def undo(self, conn: asyncpg.Connection, ancestor: int, accept: bool
+                   ) -> list[SettlementRow]:
         return await self._state.revert_settlements(conn, ancestor, allow_confirmed=accept)
 
     async def protected_above(self, ancestor: int) -> int:
         return await self._state.confirmed_above(ancestor)
 
-    async def reverted(self, moved: list[int]) -> None:
+    async def reverted(self, moved: list[SettlementRow]) -> None:
         for _ in moved:
             self._metrics.settlement_failures.labels(self.network.key, "reorged").inc()
         if moved:
@@ -81,14 +91,14 @@ class PaymentLogs:
         await self._unwind_orphaned()
         await self._confirm()
         await self._report_unfinished()
-        await self.after_step()
 
     async def report_halted(self) -> None:
         await self._report_unfinished()
 
     async def _unwind_orphaned(self) -> None:
         """A settlement the tracker saw included in a block that our canonical chain does not
-        contain (reorged out before we processed that height) goes back to `broadcast`."""
+        contain (reorged out before we processed that height) goes back to `broadcast` or
+        `pending`."""
         moved = await self._state.unwind_orphaned_inclusions()
         if moved:
             await self.reverted(moved)
@@ -104,10 +114,9 @@ class PaymentLogs:
                 (done.confirmed_at - done.created_at).total_seconds())
 
     async def _report_unfinished(self) -> None:
-        counts = {(state, age): 0 for state in ("pending", "signed", "broadcast", "included")
-                  for age in AGE_BUCKETS}
-        for state, age_s in await self._state.unfinished_by_age():
-            counts[(state, age_bucket(age_s))] += 1
+        counts = {(state, age): 0 for state in UNFINISHED_STATES for age in AGE_BUCKETS}
+        for state, bucket, count in await self._state.unfinished_by_age(AGE_BOUNDS_S):
+            counts[(state, _BUCKET_LABELS[bucket])] = count
         for (state, age), value in counts.items():
             self._metrics.settlements_unfinished.labels(self.network.key, state, age).set(value)
 
@@ -139,9 +148,5 @@ def _authorization_use(entry: dict[str, Any]) -> AuthorizationUse | None:
                             nonce=bytes.fromhex(topics[2][2:]))
 
 
-async def _ignore(settlement_ids: list[int]) -> None:
-    return None
-
-
-async def _nothing() -> None:
+async def _ignore(rows: list[SettlementRow]) -> None:
     return None

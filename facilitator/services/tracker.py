@@ -11,6 +11,11 @@ Guarantees:
 - A transaction the node no longer knows (dropped, node restart) is re-sent with the identical
   stored bytes while the authorization is valid; afterwards the row ends `expired` and the
   signer nonce it held is filled so later transactions are not stuck.
+- Unfinished rows nobody in this process holds are adopted: those a reorg moved back (handed
+  over by the in-process watcher, `adopt`), and, every `adopt_interval_s`, any found in the
+  database (`sweep`: a watcher in another process, a lost task). Signed/broadcast rows are
+  followed again; a pending row goes to `recover_pending` (the settler's recovery: expired,
+  settled by someone else's transaction, refused, or signed and sent again).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from facilitator.core.receipts import (
     find_transfer_log,
     receipt_succeeded,
 )
-from facilitator.core.settlement import Rejected, Settled, SettledBy
+from facilitator.core.settlement import Rejected, Settled, SettledBy, State, Unknown
 from facilitator.ports import Chain, RpcError, RpcUnavailable
 from facilitator.protocol.networks import Network
 from facilitator.protocol.reasons import Reason
@@ -41,6 +46,7 @@ from facilitator.invariant import invariant
 log = logging.getLogger("facilitator.tracker")
 
 RECEIPT_CHUNK = 200
+ADOPT_LIMIT = 100  # rows adopted per sweep (the next sweep takes the following ones)
 
 
 @dataclass(slots=True)
@@ -99,8 +105,8 @@ class InFlight:
 class Tracker:
     def __init__(self, *, network: Network, chain: Chain, store: Store, board: OutcomeBoard,
                  metrics: Metrics, poll_interval_s: float = 0.1, resend_after_s: float = 4.0,
-                 front_run_lookback_blocks: int = 5_000,
-                 clock: Callable[[], float] = time.time) -> None:
+                 front_run_lookback_blocks: int = 5_000, adopt_interval_s: float = 10.0,
+                 adopt_grace_s: float = 10.0, clock: Callable[[], float] = time.time) -> None:
         self.network = network
         self._chain = chain
         self._store = store
@@ -113,9 +119,19 @@ class Tracker:
         self._inflight: dict[int, InFlight] = {}
         self._wake = asyncio.Event()
         self._last_head = -1
+        # The sweep: how often, and how long a row must be unchanged before it is adopted (so a
+        # /settle between its claim and its broadcast is never taken over).
+        self.adopt_interval_s = adopt_interval_s
+        self.adopt_grace_s = adopt_grace_s
+        self._swept_at = time.monotonic()  # start-up recovery has just run
         self.signer = "unknown"  # the signer address, for the in-flight gauge (set by wiring)
         self.resign: Callable[[int], Awaitable[None]] = _noop_resign
         self.fill_nonce: Callable[[int, int], Awaitable[None]] = _noop_fill
+        # The settler's recovery of a pending row: expire, record an external settlement,
+        # refuse, or check and send a new transaction (wired).
+        self.recover_pending: Callable[[SettlementRow], Awaitable[None]] = _noop_recover
+        # Periodic work of the serving process, run with each sweep (watcher or not).
+        self.on_sweep: Callable[[], Awaitable[None]] = _nothing
 
     def watch(self, item: InFlight) -> None:
         self._inflight[item.settlement_id] = item
@@ -124,9 +140,6 @@ class Tracker:
     def reserved_wei(self) -> int:
         """Worst-case gas cost of everything signed and not yet mined."""
         return sum(i.gas_limit * i.max_fee_per_gas for i in self._inflight.values())
-
-    def inflight_count(self) -> int:
-        return len(self._inflight)
 
     async def run(self) -> None:
         while True:
@@ -141,6 +154,56 @@ class Tracker:
                 log.warning("tracker tick skipped on %s: %s", self.network.key, exc)
             except Exception:  # noqa: BLE001 - the tracker must survive; state is in the DB
                 log.exception("tracker tick failed on %s", self.network.key)
+            if time.monotonic() - self._swept_at >= self.adopt_interval_s:
+                self._swept_at = time.monotonic()
+                await self._sweep_safely()
+
+    # -- adoption -----------------------------------------------------------------------------
+
+    async def adopt(self, rows: list[SettlementRow]) -> None:
+        """Follow unfinished rows nobody in this process holds: signed/broadcast rows for their
+        receipt (re-sending their stored bytes if dropped), pending rows to be settled again."""
+        adopted = 0
+        for row in rows:
+            if row.id in self._inflight or self._board.owns(row.id):
+                continue
+            if row.state in (State.SIGNED, State.BROADCAST) and row.raw_tx is not None:
+                self._board.expect(row.id, (row.asset, row.payer, row.nonce))
+                self.watch(InFlight.from_row(row, known_to_node=row.state == State.BROADCAST,
+                                             check_now=True))
+            elif row.state == State.PENDING:
+                self._board.expect(row.id, (row.asset, row.payer, row.nonce))
+                try:
+                    await self.recover_pending(row)
+                except Exception as exc:  # noqa: BLE001 - released; the next sweep retries
+                    log.warning("adopting pending settlement %s on %s failed: %r", row.id,
+                                self.network.key, exc)
+                    self._board.resolve(row.id, Unknown(None, "recovery interrupted"))
+                    continue
+            else:
+                continue
+            adopted += 1
+        if adopted:
+            log.warning("adopted %d unfinished settlement(s) on %s", adopted, self.network.key)
+
+    async def sweep(self) -> None:
+        """Adopt the unfinished rows of this chain that no task of this process holds and that
+        have not changed for `adopt_grace_s` (bounded, index-backed)."""
+        held = list(self._inflight.keys() | self._board.unresolved())
+        signer = self.signer if self.signer.startswith("0x") else None
+        rows = await self._store.unheld(self.network.chain_id, held,
+                                        unchanged_for_s=self.adopt_grace_s, signer=signer,
+                                        limit=ADOPT_LIMIT)
+        await self.adopt(rows)
+
+    async def _sweep_safely(self) -> None:
+        for step in (self.sweep, self.on_sweep):
+            try:
+                await step()
+            except RpcUnavailable as exc:
+                log.warning("tracker sweep skipped on %s: %s", self.network.key, exc)
+            except Exception:  # noqa: BLE001 - the tracker must survive; state is in the DB
+                log.exception("tracker sweep failed on %s", self.network.key)
 
     async def _tick(self, woken: bool) -> None:
         self._metrics.signer_inflight.labels(self.network.key, self.signer).set(len(self._inflight))
@@ -314,3 +377,11 @@ async def _noop_resign(settlement_id: int) -> None:
 
 async def _noop_fill(nonce: int, max_fee: int) -> None:
     raise RuntimeError("tracker.fill_nonce is not wired")
+
+
+async def _noop_recover(row: SettlementRow) -> None:
+    raise RuntimeError("tracker.recover_pending is not wired")
+
+
+async def _nothing() -> None:
+    return None

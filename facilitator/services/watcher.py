@@ -12,6 +12,9 @@ Guarantees (the Chainlink log poller's, adapted):
   protects (confirmed settlements), halts the chain (`facilitator_watcher_halted` = 1, a
   critical log line): nothing is processed or confirmed until an operator resumes it, and the
   resume accepts that reorg once.
+- A revert re-anchors the checkpoint on the node's block at the common ancestor (also when that
+  block is older than what we keep); when the node cannot serve it, the chain halts with that
+  reason instead of failing every step.
 - Log reads are bounded ranges; a provider's "range too large" halves the range.
 """
 
@@ -60,11 +63,11 @@ class LogProcessor(Protocol):
 
     async def committed(self, result: Any) -> None: ...
 
-    async def undo(self, conn: asyncpg.Connection, ancestor: int, accept: bool) -> list[int]: ...
+    async def undo(self, conn: asyncpg.Connection, ancestor: int, accept: bool) -> list[Any]: ...
 
     async def protected_above(self, ancestor: int) -> int: ...
 
-    async def reverted(self, moved: list[int]) -> None: ...
+    async def reverted(self, moved: list[Any]) -> None: ...
 
     async def housekeeping(self, processed: int) -> None: ...
 
@@ -108,13 +111,12 @@ class ChainWatcher:
         """Process the next range; True when caught up with the head."""
         head = int(await self._chain.request("eth_blockNumber", []), 16)
         self._metrics.chain_head.labels(self.key).set(head)
-        cursor = await self._state.cursor()
+        cursor = await self._state.cursor(head)  # records the node's head too
         if cursor is None:
             await self._bootstrap(head)
             return False
         halted = cursor.halted_reason is not None
         self._report_lag(head, cursor.number, halted=halted)
-        await self._state.record_chain_head(head)
         if halted:  # nothing is processed or confirmed until an operator resumes
             await self._processor.report_halted()
             return True
@@ -190,35 +192,42 @@ class ChainWatcher:
         """Revert to the common ancestor; a deep reorg halts instead, unless an operator has
         accepted it (`accept`, set by resume)."""
         ancestor = await self._common_ancestor(processed)
-        depth = processed - ancestor
+        if ancestor is None:
+            await self._halt(f"reorg below block {processed}: the node serves no block to "
+                             "re-anchor on at the common ancestor")
+            return
+        depth = processed - ancestor.number
         self._metrics.reorg_depth.labels(self.key).observe(depth)
         deep = (depth > self._policy.max_reorg_depth
-                or await self._processor.protected_above(ancestor) > 0)
+                or await self._processor.protected_above(ancestor.number) > 0)
         if deep and not accept:
             await self._halt(f"reorg of depth {depth} below block {processed} "
                              f"(maximum {self._policy.max_reorg_depth}, or it undoes "
                              "confirmed settlements)")
             return
 
-        async def undo(conn: asyncpg.Connection, block: int) -> list[int]:
+        async def undo(conn: asyncpg.Connection, block: int) -> list[Any]:
             return await self._processor.undo(conn, block, accept)
         moved = await self._state.revert_to(ancestor, undo)
         log.warning("watcher %s: reorg of depth %d, reverted to block %d; %d record(s) moved "
-                    "back", self.key, depth, ancestor, len(moved))
+                    "back", self.key, depth, ancestor.number, len(moved))
         await self._processor.reverted(moved)
 
-    async def _common_ancestor(self, processed: int) -> int:
-        """Walk back until our stored hash equals the chain's hash at that height."""
+    async def _common_ancestor(self, processed: int) -> Block | None:
+        """Walk back until our stored hash equals the node's hash at that height, and return
+        the node's block there. A height we no longer keep (pruned, or below the first block
+        we processed) is treated as final: the node's block at it is the anchor. None when the
+        node has no block to anchor on."""
         number = processed
-        while number > 0:
+        while True:
             stored = await self._state.stored_hash(number)
-            if stored is None:
-                return number  # older than what we keep: treat as final
             answer = await self._chain.request("eth_getBlockByNumber", [hex(number), False])
-            if isinstance(answer, dict) and bytes.fromhex(answer["hash"][2:]) == stored:
-                return number
+            node = _block(answer) if isinstance(answer, dict) else None
+            if stored is None or number == 0:
+                return node
+            if node is not None and node.hash == stored:
+                return node
             number -= 1
-        return 0
 
     async def _halt(self, reason: str) -> None:
         await self._state.halt(reason)

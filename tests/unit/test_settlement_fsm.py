@@ -116,5 +116,5 @@ def test_in_flight_settled_terminal_are_disjoint() -> None:
 
 
 def test_invariant_violation_names_the_pair() -> None:
-    with pytest.raises(InvariantViolation, match="confirmed -> pending"):
-        require_transition(State.CONFIRMED, State.PENDING)
+    with pytest.raises(InvariantViolation, match="confirmed -> signed"):
+        require_transition(State.CONFIRMED, State.SIGNED)
