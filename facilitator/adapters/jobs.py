@@ -3,9 +3,14 @@ answers 202 with a job, `GET /settle/{jobId}` reports it).
 
 Guarantees: a job survives restarts; `claim_next` hands a runnable job to exactly one worker
 (`FOR UPDATE SKIP LOCKED`) under a lease, so a worker that died gives its job back when the
-lease ends; a job finishes (succeeded | failed) once and keeps its result. Settling twice is
-impossible anyway — the job re-enters the same idempotent settlement path, whose database row
-is unique per authorization.
+lease ends; a job finishes (succeeded | failed) once and keeps its result. Only the holder of
+the job's current lease can requeue or finish it: the lease's end (`not_before`, set anew by
+every claim) is the fencing token, so a worker whose lease expired and whose job another
+worker claimed changes nothing. Settling twice is impossible anyway — the job re-enters the
+same idempotent settlement path, whose database row is unique per authorization.
+
+`attempts` counts the runs that did not end in a normal `settlement_pending` re-poll (errors,
+and runs whose worker died): a claim counts one, a pending requeue gives it back.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ class Job:
     attempts: int
     created_at: datetime
     finished_at: datetime | None
+    not_before: datetime  # while processing: the end of the current lease (its fencing token)
 
     @property
     def job_id(self) -> str:
@@ -42,10 +48,12 @@ class Job:
                    body=json.loads(rec["body"]),
                    result=json.loads(rec["result"]) if rec["result"] else None,
                    error=rec["error"], attempts=rec["attempts"], created_at=rec["created_at"],
-                   finished_at=rec["finished_at"])
+                   finished_at=rec["finished_at"], not_before=rec["not_before"])
 
 
-_COLUMNS = "id, status, queue, body, result, error, attempts, created_at, finished_at"
+_COLUMNS = "id, status, queue, body, result, error, attempts, created_at, finished_at, not_before"
+# The holder of the current lease: the job is still processing under the lease it was given.
+_LEASED = "id = $1::uuid AND status = 'processing' AND not_before = $2"
 
 
 class JobStore:
@@ -76,23 +84,37 @@ class JobStore:
             RETURNING """ + _COLUMNS, lease_s)
         return None if rec is None else Job.from_record(rec)
 
-    async def requeue(self, job_id: str, delay_s: float) -> None:
-        """Not final yet (the settlement is pending): run it again after `delay_s`."""
-        await self.pool.execute("""
+    async def requeue(self, job: Job, delay_s: float, *, pending: bool,
+                      error: str | None = None) -> bool:
+        """Not final yet: run it again after `delay_s`. `pending` (the settlement is in flight:
+        a normal re-poll) gives the claim's attempt back; otherwise `error` is kept for
+        `GET /settle/{jobId}`. False when `job`'s lease is no longer the current one."""
+        done = await self.pool.execute("""
             UPDATE settle_jobs SET status = 'queued',
-                not_before = clock_timestamp() + make_interval(secs => $2),
+                attempts = attempts - CASE WHEN $4 THEN 1 ELSE 0 END,
+                error = COALESCE($5, error),
+                not_before = clock_timestamp() + make_interval(secs => $3),
                 updated_at = clock_timestamp()
-            WHERE id = $1::uuid AND status = 'processing'""", job_id, delay_s)
+            WHERE """ + _LEASED, job.id, job.not_before, delay_s, pending, error)
+        return done.endswith(" 1")
 
-    async def finish(self, job_id: str, *, succeeded: bool, result: dict[str, Any],
+    async def finish(self, job: Job, *, succeeded: bool, result: dict[str, Any],
                      error: str | None) -> bool:
+        """Final: False when `job`'s lease is no longer the current one (nothing changed)."""
         status = "succeeded" if succeeded else "failed"
         done = await self.pool.execute("""
-            UPDATE settle_jobs SET status = $2, result = $3::jsonb, error = $4,
+            UPDATE settle_jobs SET status = $3, result = $4::jsonb, error = $5,
                 finished_at = clock_timestamp(), updated_at = clock_timestamp()
-            WHERE id = $1::uuid AND status = 'processing'""",
-            job_id, status, json.dumps(result), error)
+            WHERE """ + _LEASED, job.id, job.not_before, status, json.dumps(result), error)
         return done.endswith(" 1")
+
+    async def settlement_state(self, chain_id: int, asset: str, payer: str, nonce: bytes
+                               ) -> str | None:
+        """The state of the settlement row of one authorization (the job's payment), if any."""
+        return await self.pool.fetchval("""
+            SELECT state FROM settlements
+            WHERE chain_id = $1 AND asset = $2 AND payer = $3 AND nonce = $4""",
+            chain_id, bytes.fromhex(asset[2:]), bytes.fromhex(payer[2:]), nonce)
 
     async def release_all(self) -> int:
         """At start-up (one instance per database): jobs a dead process held run again now."""

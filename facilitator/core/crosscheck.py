@@ -72,6 +72,9 @@ from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from facilitator.core import settlement
+from facilitator.core.settlement import State
+
 KINDS = ("paid_not_attested", "attested_not_paid", "invalid_tee_signature", "unknown_tee",
          "tee_disabled", "attestation_not_settled", "amount_mismatch", "payto_mismatch",
          "duplicate", "late_settlement", "batch_dump_invalid", "unlinked_reconciliation")
@@ -79,8 +82,10 @@ VERDICT_KINDS = {"invalid_signature": "invalid_tee_signature",
                  "hash_mismatch": "invalid_tee_signature",
                  "unknown_tee": "unknown_tee", "tee_disabled": "tee_disabled"}
 INVALID_DUMPS = ("root_mismatch", "size_mismatch", "malformed")
-IN_FLIGHT = ("pending", "signed", "broadcast")  # may still land before the permit deadline
-ON_CHAIN = ("included", "confirmed")
+# The settlement states as core.settlement defines them (one source of truth), in declaration
+# order so messages and evidence are deterministic.
+IN_FLIGHT = tuple(s.value for s in State if s in settlement.IN_FLIGHT)  # may still land
+ON_CHAIN = tuple(s.value for s in State if s in settlement.SETTLED)
 EVIDENCE_LIST_MAX = 100  # ids listed in a reconciliation finding (the counts are complete)
 _DUMP_MEANING = {
     "root_mismatch": "the published dump's Merkle root is not the root posted on chain",

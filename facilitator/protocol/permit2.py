@@ -12,9 +12,11 @@ Guarantee: parsers return validated values or raise `BadRequest` naming the fiel
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from facilitator.protocol import fields as f
@@ -104,7 +106,7 @@ def parse_usage_metadata(value: Any) -> UsageMetadata | None:
     return UsageMetadata(
         session_id=_opt_text(obj, "sessionId", 128),
         request_count=_opt_count(obj, "requestCount"),
-        cost_opg=_opt_count(obj, "costOpg"),
+        cost_opg=_opt_count(obj, "costOpg", maximum=UINT256_MAX),
         cost_usd=_opt_decimal_text(obj, "costUsd"),
         input_tokens=_opt_count(obj, "inputTokens"),
         output_tokens=_opt_count(obj, "outputTokens"),
@@ -120,26 +122,57 @@ def _opt_text(obj: Mapping[str, Any], key: str, limit: int) -> str | None:
     return None if value is None else f.text(value, f"{_USAGE}.{key}", max_length=limit)
 
 
-def _opt_count(obj: Mapping[str, Any], key: str) -> int | None:
-    """A non-negative integer, as a JSON number or a canonical decimal string."""
+# What the usage columns hold: counts are bigint (costOpg numeric(78, 0)), costUsd numeric(40, 18).
+BIGINT_MAX = 2**63 - 1
+UINT256_MAX = 2**256 - 1
+
+
+def _opt_count(obj: Mapping[str, Any], key: str, maximum: int = BIGINT_MAX) -> int | None:
+    """A non-negative integer, as a JSON number (an integral one written with a fraction or an
+    exponent, such as `3.0` or `1e3`, too) or a canonical decimal string."""
     value = obj.get(key)
+    field = f"{_USAGE}.{key}"
     if value is None:
         return None
     if isinstance(value, str):
-        return f.uint256_decimal(value, f"{_USAGE}.{key}")
-    return f.integer(value, f"{_USAGE}.{key}", maximum=2**255)
+        number = f.uint256_decimal(value, field)
+    elif isinstance(value, float):
+        exact = Decimal(_number_text(value, field))
+        if exact != exact.to_integral_value():
+            raise BadRequest(field, "must be a non-negative integer")
+        number = int(exact)
+    else:
+        number = f.integer(value, field, maximum=maximum)
+    if not 0 <= number <= maximum:
+        raise BadRequest(field, f"must be between 0 and {maximum}")
+    return number
 
 
 def _opt_decimal_text(obj: Mapping[str, Any], key: str) -> str | None:
+    """A non-negative decimal as text, exactly as the JSON number or string was written (a
+    number without its exponent: 0.00002, never 2e-05)."""
     value = obj.get(key)
+    field = f"{_USAGE}.{key}"
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise BadRequest(f"{_USAGE}.{key}", "must be a decimal number or string")
-    text = repr(value) if isinstance(value, float) else str(value)
+        raise BadRequest(field, "must be a decimal number or string")
+    text = value if isinstance(value, str) else _number_text(value, field)
     if not _DECIMAL.fullmatch(text):
-        raise BadRequest(f"{_USAGE}.{key}", "must be a non-negative decimal")
+        raise BadRequest(field, "must be a non-negative decimal with at most 22 integer digits")
     return text
 
 
-_DECIMAL = re.compile(r"[0-9]{1,30}(\.[0-9]{1,30})?", re.ASCII)
+def _number_text(value: int | float, field: str) -> str:
+    """A JSON number's decimal value in positional notation. orjson gives a float for any number
+    with a fraction or an exponent; its repr is the shortest text that reads back as the same
+    number (the number as written, for up to 15-17 significant digits), in exponent form for
+    small and large values, which `format(..., "f")` writes out."""
+    if isinstance(value, int):
+        return str(value)
+    if not math.isfinite(value):
+        raise BadRequest(field, "must be a finite number")
+    return format(Decimal(repr(value)), "f")
+
+
+_DECIMAL = re.compile(r"[0-9]{1,22}(\.[0-9]{1,30})?", re.ASCII)

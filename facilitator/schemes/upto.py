@@ -17,13 +17,11 @@ At settle: the amount is the settle-time requirements' amount; it must not excee
 from __future__ import annotations
 
 import hashlib
-import time
-from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 from facilitator.core import abi
-from facilitator.core.exact import Rejection, SignatureCheck
+from facilitator.core.exact import Rejection
 from facilitator.core.permit2 import (
     PERMIT2_ADDRESS,
     UPTO_PROXY_ADDRESS,
@@ -34,22 +32,17 @@ from facilitator.core.permit2 import (
     permit_digest,
 )
 from facilitator.core.settlement import SettlementIntent
-from facilitator.ports import Chain, RpcError
+from facilitator.ports import RpcError
 from facilitator.protocol.fields import to_checksum
 from facilitator.protocol.messages import PaymentRequest
-from facilitator.protocol.networks import Network
 from facilitator.protocol.permit2 import UptoPayload, parse_upto_payload
 from facilitator.protocol.reasons import Reason
 from facilitator.schemes.common import (
-    FALLBACK_GAS_METHOD,
-    GAS_METHOD,
-    AssetCodeCache,
+    PERMIT2_TRAITS,
     CallBatch,
-    ChainApproval,
     Checked,
+    EvmScheme,
     eth_call,
-    gas_method_missing,
-    gas_used,
     no_code,
     normalised_v,
     returns_magic,
@@ -65,19 +58,9 @@ def fingerprint(chain_id: int, payment: UptoPayload, amount: int) -> bytes:
     return hashlib.sha256("|".join(parts).encode()).digest()
 
 
-class UptoPermit2Scheme:
+class UptoPermit2Scheme(EvmScheme):
     scheme = "upto"
-    failure_reason = Reason.UPTO_TRANSACTION_FAILED
-    reports_amount = True
-
-    def __init__(self, *, network: Network, chain: Chain, facilitator_address: str,
-                 clock: Callable[[], float] = time.time) -> None:
-        self.network = network
-        self._chain = chain
-        self._facilitator = facilitator_address.lower()
-        self._clock = clock
-        self._asset_code = AssetCodeCache(clock)
-        self._gas_method = GAS_METHOD
+    traits = PERMIT2_TRAITS
 
     def check_offchain(self, request: PaymentRequest, *, for_settle: bool = False
                        ) -> Rejection | Checked:
@@ -102,6 +85,12 @@ class UptoPermit2Scheme:
                        signature_check=check_signature(digest, payment),
                        payer=to_checksum(permit.owner))
 
+    def intent(self, request: PaymentRequest) -> SettlementIntent:
+        """The settlement this request asks for (the requirements' amount), without any check
+        (raises `BadRequest` for a malformed payload)."""
+        return self._intent(request, parse_upto_payload(request.payload),
+                            request.requirements.amount)
+
     def _intent(self, request: PaymentRequest, payment: UptoPayload, amount: int
                 ) -> SettlementIntent:
         p = payment.permit
@@ -116,39 +105,11 @@ class UptoPermit2Scheme:
             calldata=abi.upto_proxy_settle(p.token, p.cap, p.nonce, p.deadline, amount, p.owner,
                                            p.witness.to, p.witness.facilitator,
                                            p.witness.valid_after, signature),
-            transfer_method="permit2", cap_amount=p.cap)
+            transfer_method=self.traits.transfer_method, cap_amount=p.cap)
 
-    async def check_onchain(self, checked: Checked, *, for_settle: bool
-                            ) -> Rejection | ChainApproval:
-        """One batched round trip. Raises `RpcUnavailable` when the chain cannot be reached."""
-        batch = self._onchain_calls(checked, for_settle)
-        answer = batch.answers(await self._chain.request_many(batch.calls))
-        intent = checked.intent
-        verdict = (_judge_signature(answer) or self._judge_asset(intent, answer)
-                   or _judge_nonce(intent, answer) or _judge_allowance(intent, answer)
-                   or _judge_balance(intent, answer))
-        if verdict is not None:
-            return verdict
-        simulation = answer["settle"]
-        if for_settle and isinstance(simulation, RpcError) and gas_method_missing(simulation):
-            self._gas_method = FALLBACK_GAS_METHOD  # this node lacks eth_createAccessList
-            return await self.check_onchain(checked, for_settle=True)
-        if isinstance(simulation, RpcError):
-            revert = abi.decode_revert(simulation.data, simulation.message)
-            return Rejection(classify_proxy_revert(revert) or Reason.UPTO_TRANSACTION_FAILED,
-                             revert)
-        return ChainApproval(gas_estimate=gas_used(simulation) if for_settle else None)
-
-    def _onchain_calls(self, checked: Checked, for_settle: bool) -> CallBatch:
+    def _add_state_calls(self, batch: CallBatch, checked: Checked) -> None:
         intent = checked.intent
         nonce = int.from_bytes(intent.nonce, "big")
-        batch = CallBatch()
-        if checked.signature_check is SignatureCheck.NEEDS_CONTRACT_CHECK:
-            batch.add("payer_code", "eth_getCode", [intent.payer, "latest"])
-            batch.add("erc1271", "eth_call", [eth_call(intent.payer, abi.is_valid_signature(
-                checked.digest, normalised_v(intent.signature))), "latest"])
-        if not self._asset_code.known(intent.asset):
-            batch.add("asset_code", "eth_getCode", [intent.asset, "latest"])
         batch.add("nonce_bitmap", "eth_call",
                   [eth_call(PERMIT2_ADDRESS, abi.nonce_bitmap(intent.payer, nonce >> 8)),
                    "latest"])
@@ -156,31 +117,27 @@ class UptoPermit2Scheme:
                   [eth_call(intent.asset, abi.allowance(intent.payer, PERMIT2_ADDRESS)), "latest"])
         batch.add("balance", "eth_call",
                   [eth_call(intent.asset, abi.balance_of(intent.payer)), "latest"])
-        settle = eth_call(intent.call_to, intent.calldata, sender=self._facilitator)
-        batch.add("settle", self._gas_method if for_settle else "eth_call", [settle, "latest"])
-        return batch
 
-    def _judge_asset(self, intent: SettlementIntent, answer: dict[str, Any]) -> Rejection | None:
-        if "asset_code" not in answer:
+    def _judge_signature(self, checked: Checked, answer: dict[str, Any]) -> Rejection | None:
+        if "payer_code" not in answer:
             return None
-        if no_code(answer["asset_code"]):
-            return Rejection(Reason.ASSET_NOT_DEPLOYED,
-                             f"no contract at asset {to_checksum(intent.asset)}")
-        self._asset_code.remember(intent.asset)
+        if no_code(answer["payer_code"]) or not returns_magic(answer["erc1271"]):
+            return Rejection(Reason.PERMIT2_INVALID_SIGNATURE,
+                             "the permit signature does not recover to the owner")
         return None
+
+    def _judge_state(self, checked: Checked, answer: dict[str, Any]) -> Rejection | None:
+        intent = checked.intent
+        return (_judge_nonce(intent, answer) or _judge_allowance(intent, answer)
+                or _judge_balance(intent, answer))
+
+    async def _judge_revert(self, checked: Checked, error: RpcError) -> Rejection:
+        revert = abi.decode_revert(error.data, error.message)
+        return Rejection(classify_proxy_revert(revert) or self.traits.failure_reason, revert)
 
 
 def _with_amount(request: PaymentRequest, amount: int) -> PaymentRequest:
     return replace(request, requirements=replace(request.requirements, amount=amount))
-
-
-def _judge_signature(answer: dict[str, Any]) -> Rejection | None:
-    if "payer_code" not in answer:
-        return None
-    if no_code(answer["payer_code"]) or not returns_magic(answer["erc1271"]):
-        return Rejection(Reason.PERMIT2_INVALID_SIGNATURE,
-                         "the permit signature does not recover to the owner")
-    return None
 
 
 def _judge_nonce(intent: SettlementIntent, answer: dict[str, Any]) -> Rejection | None:

@@ -1,8 +1,12 @@
 """The facilitator's three operations — verify, settle, supported — over every configured
 network and scheme. HTTP-agnostic: handlers pass parsed JSON in and get response objects back.
 
-Routing precedence (before any scheme check): x402 version, then scheme, then network. A
-network we do not serve gets the SDK's network reason, never a signature error.
+Routing (before any scheme check) decides only what needs routing, in this order: x402 version,
+a scheme we do not know (or `upto` in v1), a network we do not serve (the SDK's network-config
+reason, never a signature error), the payload's shape. A payment is routed by its scheme to the
+network of its requirements (or, when we do not serve that one, of its payload), and the scheme's
+own ordered checks decide a scheme or network mismatch with the scheme's reason, as the SDK's
+mechanisms do (`upto`: `invalid_upto_evm_scheme`, `invalid_upto_evm_network_mismatch`).
 
 Guarantees: a malformed body raises `BadRequest` (HTTP 400); every well-formed request gets a
 structured answer with a reason from `Reason`; every answer is recorded for auditors.
@@ -94,13 +98,24 @@ class FacilitatorService:
             return response
         checked = routed.scheme.check_offchain(routed.request)
         response = await self._verify_checked(routed, checked)
-        if response.is_valid and isinstance(checked, Checked) and routed.scheme.scheme == "upto":
-            await routed.services.sessions.record_verified(checked.intent, self.signer_address)
+        if response.is_valid and isinstance(checked, Checked) and routed.scheme.traits.sessions:
+            await self._record_session(routed.services, checked)
         intent = checked.intent if isinstance(checked, Checked) else None
         await self._record("verify", request_id, routed.request, intent, response.is_valid,
                            response.invalid_reason)
         self._count_verify(routed.request, routed.services.network, response, started)
         return response
+
+    async def _record_session(self, services: NetworkServices, checked: Checked) -> None:
+        """The upto session a valid /verify starts. Written before the answer: an attestation
+        the gateway posts right after it links to the session by (payer, Permit2 nonce) when it
+        is inserted. Never fatal: the verdict stands, the failure is logged and counted, the
+        settle records the session anyway and attestations are linked again later."""
+        try:
+            await services.sessions.record_verified(checked.intent, self.signer_address)
+        except Exception as exc:  # noqa: BLE001 - an audit record must not change the verdict
+            self._metrics.records_dropped.inc()
+            log.warning("verify: upto session record failed: %s: %s", type(exc).__name__, exc)
 
     async def _verify_checked(self, routed: _Routed, checked: Rejection | Checked
                               ) -> VerifyResponse:
@@ -141,7 +156,7 @@ class FacilitatorService:
                 False, network=wire, error_reason=checked.reason, error_message=checked.message,
                 payer=_payer_of(routed.request),
                 amount=str(routed.request.requirements.amount)
-                if routed.scheme.reports_amount else None)
+                if routed.scheme.traits.reports_amount else None)
             intent = None
         else:
             response = await routed.services.settler.settle(routed.scheme, checked, wire, usage)
@@ -154,37 +169,47 @@ class FacilitatorService:
     # -- routing ------------------------------------------------------------------------------
 
     def _route(self, body: Any) -> _Routed | tuple[VerifyResponse, PaymentRequest | None]:
-        """Parse and route; a tuple is an early answer (unsupported version/scheme/network)."""
+        """Parse and route; a tuple is an early answer (unsupported version/scheme/network or
+        payload shape)."""
         request = parse_request(body)
         if isinstance(request, UnsupportedVersion):
             return (VerifyResponse(False, Reason.INVALID_X402_VERSION,
                                    f"x402Version {request.version} is not supported"), None)
-        payer = _payer_of(request)
-        unsupported = next((s for s in (request.scheme, request.requirements.scheme)
-                            if s not in SCHEMES), None)
-        if unsupported is None and request.version == 1 and request.scheme != "exact":
-            unsupported = request.scheme  # upto exists only in x402 v2
-        if unsupported is not None or request.scheme != request.requirements.scheme:
-            return (VerifyResponse(False, Reason.UNSUPPORTED_SCHEME, f"scheme "
-                                   f"{unsupported or request.requirements.scheme!r} is not "
-                                   "supported here", payer), request)
-        if request.network != request.requirements.network:
-            return (VerifyResponse(False, Reason.NETWORK_MISMATCH,
-                                   f"paid on {request.network}, required "
-                                   f"{request.requirements.network}", payer), request)
-        network = self._registry.resolve(request.version, request.requirements.network)
-        services = self._services.get(network.key) if network else None
+        unsupported = _unsupported_scheme(request)
+        if unsupported is not None:
+            return _early(request, Reason.UNSUPPORTED_SCHEME,
+                          f"scheme {unsupported!r} is not supported here")
+        services = self._served(request)
         scheme = services.schemes.get(request.scheme) if services else None
         if services is None or scheme is None:
-            reason = Reason.UPTO_FAILED_TO_GET_NETWORK_CONFIG if request.scheme == "upto" \
-                else Reason.FAILED_TO_GET_NETWORK_CONFIG
-            return (VerifyResponse(False, reason, f"network {request.requirements.network!r} is "
-                                   "not served by this facilitator", payer), request)
+            if request.network != request.requirements.network:  # the mechanism's first answer
+                return _early(request, _NETWORK_MISMATCH[request.scheme],
+                              f"paid on {request.network}, required "
+                              f"{request.requirements.network}")
+            return _early(request, _NO_NETWORK_CONFIG[request.scheme],
+                          f"network {request.requirements.network!r} is not served by this "
+                          "facilitator")
         if is_permit2_payload(request.payload) != (request.scheme == "upto"):
-            return (VerifyResponse(False, Reason.UNSUPPORTED_PAYLOAD_TYPE,
-                                   f"this payload shape is not accepted for scheme "
-                                   f"{request.scheme!r}", payer), request)
+            return _early(request, Reason.UNSUPPORTED_PAYLOAD_TYPE,
+                          f"this payload shape is not accepted for scheme {request.scheme!r}")
         return _Routed(request, services, scheme)
+
+    def _served(self, request: PaymentRequest) -> NetworkServices | None:
+        """The network of the requirements, else of the payload (its scheme then answers the
+        mismatch), if we serve it."""
+        for wire in dict.fromkeys((request.requirements.network, request.network)):
+            network = self._registry.resolve(request.version, wire)
+            services = self._services.get(network.key) if network else None
+            if services is not None:
+                return services
+        return None
+
+    def settlement_intent(self, body: Any) -> SettlementIntent | None:
+        """The settlement a /settle body asks for, without checking it (None when it would be
+        answered before any settlement is claimed). The settle-job worker uses it to find the
+        settlement of a job it is about to give up. Raises `BadRequest` for a malformed body."""
+        routed = self._route(body)
+        return None if isinstance(routed, tuple) else routed.scheme.intent(routed.request)
 
     def validate_settle(self, body: Any) -> None:
         """Everything /settle would refuse with HTTP 400, checked before a job is queued."""
@@ -229,6 +254,27 @@ class FacilitatorService:
         self._metrics.settle_total.labels(
             scheme, net, result, _reason_label(response.error_reason)).inc()
         self._metrics.settle_seconds.labels(scheme, net).observe(time.monotonic() - started)
+
+
+_NETWORK_MISMATCH = {"exact": Reason.NETWORK_MISMATCH, "upto": Reason.UPTO_NETWORK_MISMATCH}
+_NO_NETWORK_CONFIG = {"exact": Reason.FAILED_TO_GET_NETWORK_CONFIG,
+                      "upto": Reason.UPTO_FAILED_TO_GET_NETWORK_CONFIG}
+
+
+def _unsupported_scheme(request: PaymentRequest) -> str | None:
+    """The scheme name we cannot route. `upto` checks the requirements' scheme itself (its
+    reason is `invalid_upto_evm_scheme`, as the SDK's upto mechanism answers); for `exact` a
+    requirements scheme other than exact is unsupported here, named in the message."""
+    if request.scheme not in SCHEMES or (request.version == 1 and request.scheme != "exact"):
+        return request.scheme  # upto exists only in x402 v2
+    if request.scheme == "exact" and request.requirements.scheme != "exact":
+        return request.requirements.scheme
+    return None
+
+
+def _early(request: PaymentRequest, reason: Reason, message: str
+           ) -> tuple[VerifyResponse, PaymentRequest]:
+    return VerifyResponse(False, reason, message, _payer_of(request)), request
 
 
 def _labels(request: PaymentRequest | None, network: Network | None) -> tuple[str, str]:

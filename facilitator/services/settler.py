@@ -9,8 +9,13 @@ Guarantees:
 - The answer is Unknown -> `settlement_pending` (with the tx hash) when no receipt arrives within
   the configured wait; the transaction stays tracked and a later identical /settle gets the
   final result. Unknown is never reported as a failure.
-- After a restart, `recover()` resumes every unfinished row: pending rows are broadcast, signed
-  rows have their stored bytes re-sent, broadcast rows are watched for their receipt.
+- A claimed row always has an owner: from the claim until the broadcaster takes it, any failure
+  (a refusal, the chain unreachable, an unexpected exception) marks it `failed` — nothing was
+  sent, so a retry may claim it again — and resolves its waiters; the request gets a protocol
+  answer (`unexpected_settle_error`), never an orphaned `pending` row.
+- After a restart, `recover()` resumes every unfinished row: pending rows are checked again as a
+  settlement (the scheme's on-chain checks) and sent, or refused as /settle would; signed rows
+  have their stored bytes re-sent; broadcast rows are watched for their receipt.
 """
 
 from __future__ import annotations
@@ -18,12 +23,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from facilitator.adapters.metrics import Metrics
 from facilitator.adapters.store import SettlementRow, Store
-from facilitator.core import abi
-from facilitator.core.exact import Rejection, classify_transfer_revert
+from facilitator.core.exact import Rejection, SignatureCheck
 from facilitator.core.settlement import (
     IN_FLIGHT,
     SETTLED,
@@ -31,18 +36,20 @@ from facilitator.core.settlement import (
     Rejected,
     Settled,
     SettledBy,
+    SettlementIntent,
     State,
     Unknown,
 )
 from facilitator.adapters.signer import SignedTx
 from facilitator.core.receipts import ExpectedTransfer
 from facilitator.ports import Chain, RpcError, RpcUnavailable
+from facilitator.protocol.fields import to_checksum
 from facilitator.protocol.networks import Network
 from facilitator.protocol.reasons import Reason
 from facilitator.protocol.responses import SettleResponse
 from facilitator.adapters.sessions import SessionStore
 from facilitator.protocol.permit2 import UsageMetadata
-from facilitator.schemes.common import ChainApproval, Checked, Scheme
+from facilitator.schemes.common import ChainApproval, Checked, Scheme, traits_of
 from facilitator.services.broadcaster import Broadcaster, Job, Overloaded
 from facilitator.services.outcomes import OutcomeBoard, wait_outcome
 from facilitator.services.tracker import InFlight, Tracker, find_external_settlement
@@ -68,8 +75,10 @@ class SettlePolicy:
 class Settler:
     def __init__(self, *, network: Network, chain: Chain, store: Store, sessions: SessionStore,
                  board: OutcomeBoard, broadcaster: Broadcaster, tracker: Tracker,
-                 metrics: Metrics, policy: SettlePolicy) -> None:
+                 metrics: Metrics, policy: SettlePolicy,
+                 clock: Callable[[], float] = time.time) -> None:
         self.network = network
+        self._clock = clock
         self._chain = chain
         self._sessions = sessions
         self._store = store
@@ -87,7 +96,7 @@ class Settler:
                      usage: UsageMetadata | None = None) -> SettleResponse:
         started = time.monotonic()
         intent = checked.intent
-        if intent.transfer_method == "permit2" and intent.amount == 0:
+        if scheme.traits.sessions and intent.amount == 0:
             return await self._settle_nothing(checked, wire_network, usage)
         claim = await self._store.claim(intent)
         row: SettlementRow | SettleResponse = claim.row
@@ -95,8 +104,7 @@ class Settler:
             row = await self._continue_existing(claim.row, checked, wire_network)
             if isinstance(row, SettleResponse):
                 return row
-        await self._record_usage(row, checked, usage)
-        return await self._settle_claimed(row, scheme, checked, wire_network, started)
+        return await self._settle_claimed(row, scheme, checked, wire_network, usage, started)
 
     async def _settle_nothing(self, checked: Checked, wire_network: str,
                               usage: UsageMetadata | None) -> SettleResponse:
@@ -105,9 +113,9 @@ class Settler:
         return SettleResponse(success=True, network=wire_network, transaction="",
                               payer=checked.payer, amount="0")
 
-    async def _record_usage(self, row: SettlementRow, checked: Checked,
+    async def _record_usage(self, row: SettlementRow, scheme: Scheme, checked: Checked,
                             usage: UsageMetadata | None) -> None:
-        if checked.intent.transfer_method == "permit2":
+        if scheme.traits.sessions:
             await self._sessions.record_settled(checked.intent, self._broadcaster.address,
                                                 row.id, usage)
         if usage is not None:
@@ -133,20 +141,17 @@ class Settler:
         return await self._answer_from_row(row, wire_network, checked.payer)
 
     async def _settle_claimed(self, row: SettlementRow, scheme: Scheme, checked: Checked,
-                              wire_network: str, started: float) -> SettleResponse:
+                              wire_network: str, usage: UsageMetadata | None, started: float
+                              ) -> SettleResponse:
+        """This request owns `row` (pending) until the broadcaster takes it: every way out before
+        that either submits it or refuses it (row failed, waiters resolved)."""
         try:
-            approval = await scheme.check_onchain(checked, for_settle=True)
-        except RpcUnavailable as exc:
-            self._count_failure("rpc_error")
-            return await self._refuse(row, checked, wire_network, Rejection(
-                Reason.UNEXPECTED_SETTLE_ERROR, f"chain unavailable before broadcast: {exc}"))
-        if isinstance(approval, Rejection):
-            return await self._refuse(row, checked, wire_network, approval)
-        gas = self._gas_limit(approval)
-        if gas is None:
-            self._count_failure("gas_cap")
-            return await self._refuse(row, checked, wire_network, Rejection(
-                Reason.UNEXPECTED_SETTLE_ERROR, "gas estimate exceeds the configured cap"))
+            await self._record_usage(row, scheme, checked, usage)
+            gas = await self._check_before_broadcast(scheme, checked)
+        except Exception as exc:  # noqa: BLE001 - nothing was sent: the row must not be orphaned
+            gas = self._unexpected(row, exc)
+        if isinstance(gas, Rejection):
+            return await self._refuse(row, checked, wire_network, gas)
         future = self._board.expect(row.id, _key(row))
         try:
             self._broadcaster.submit(Job(row=row, gas_limit=gas))
@@ -161,6 +166,31 @@ class Settler:
         if outcome is None:
             self._count_failure("receipt_timeout")
         return await self._answer(row.id, outcome, wire_network, checked.payer)
+
+    async def _check_before_broadcast(self, scheme: Scheme, checked: Checked) -> int | Rejection:
+        """The scheme's settlement checks at the current chain state: the gas limit to send
+        with, or why not to send."""
+        try:
+            approval = await scheme.check_onchain(checked, for_settle=True)
+        except RpcUnavailable as exc:
+            self._count_failure("rpc_error")
+            return Rejection(Reason.UNEXPECTED_SETTLE_ERROR,
+                             f"chain unavailable before broadcast: {exc}")
+        if isinstance(approval, Rejection):
+            return approval
+        gas = self._gas_limit(approval)
+        if gas is None:
+            self._count_failure("gas_cap")
+            return Rejection(Reason.UNEXPECTED_SETTLE_ERROR,
+                             "gas estimate exceeds the configured cap")
+        return gas
+
+    def _unexpected(self, row: SettlementRow, exc: Exception) -> Rejection:
+        log.error("settlement %s failed before broadcast: %s", row.id, exc,
+                  exc_info=(type(exc), exc, exc.__traceback__))
+        self._count_failure("internal_error")
+        return Rejection(Reason.UNEXPECTED_SETTLE_ERROR,
+                         f"settlement not sent: internal error ({type(exc).__name__}); retry later")
 
     def is_in_flight(self, asset: str, payer: str, nonce: bytes) -> bool:
         return self._board.in_flight((asset, payer, nonce))
@@ -177,20 +207,44 @@ class Settler:
 
     async def _refuse(self, row: SettlementRow, checked: Checked, wire_network: str,
                       rejection: Rejection) -> SettleResponse:
-        """Pre-broadcast rejection. A nonce consumed on chain may mean the payment was settled by
-        someone else's transaction: that is recorded as an external settlement, not a failure."""
-        if rejection.reason is Reason.NONCE_ALREADY_USED and row.transfer_method == "eip3009":
-            external = await self._external_settlement(row)
-            if external is not None:
-                self._count_failure("front_run")
-                return await self._answer(row.id, external, wire_network, checked.payer)
-        if rejection.reason is not Reason.UNEXPECTED_SETTLE_ERROR:
-            self._count_failure(str(rejection.reason))
-        await self._store.mark_failed(row.id, str(rejection.reason), rejection.message)
-        return SettleResponse(success=False, network=wire_network, error_reason=rejection.reason,
-                              error_message=rejection.message, payer=checked.payer,
+        """Pre-broadcast rejection of an owned row, answered."""
+        outcome = await self._conclude_refusal(row, rejection)
+        if isinstance(outcome, Settled):
+            return await self._answer(row.id, outcome, wire_network, checked.payer)
+        return SettleResponse(success=False, network=wire_network, error_reason=outcome.reason,
+                              error_message=outcome.message, payer=checked.payer,
                               amount=_amount(row), extensions=_extensions(row.public_id,
                                                                           State.FAILED))
+
+    async def _conclude_refusal(self, row: SettlementRow, rejection: Rejection
+                                ) -> Settled | Rejected:
+        """Pre-broadcast rejection of an owned pending row. An authorization consumed on chain
+        may have been settled by someone else's transaction (only where another sender can
+        consume it): that is recorded as an external settlement, not a failure. Anything else
+        marks the row failed (nothing was sent). Waiters are resolved either way."""
+        if rejection.reason is Reason.NONCE_ALREADY_USED \
+                and traits_of(row.transfer_method).front_runnable:
+            try:
+                external = await self._external_settlement(row)
+            except (RpcUnavailable, RpcError) as exc:
+                external = None
+                rejection = Rejection(Reason.UNEXPECTED_SETTLE_ERROR,
+                                      f"the authorization was used on chain; could not check for "
+                                      f"an external settlement: {exc}; retry later")
+            if external is not None:
+                self._count_failure("front_run")
+                self._board.resolve(row.id, external)
+                return external
+        if rejection.reason is not Reason.UNEXPECTED_SETTLE_ERROR:
+            self._count_failure(str(rejection.reason))
+        outcome = Rejected(rejection.reason, rejection.message)
+        try:
+            await self._store.mark_failed(row.id, str(rejection.reason), rejection.message)
+        except Exception:  # noqa: BLE001 - still answered; recovery resumes the pending row
+            log.exception("settlement %s could not be marked failed; it stays pending until "
+                          "recovery", row.id)
+        self._board.resolve(row.id, outcome)
+        return outcome
 
     async def _external_settlement(self, row: SettlementRow) -> Settled | None:
         head = int(await self._chain.request("eth_blockNumber", []), 16)
@@ -284,13 +338,14 @@ class Settler:
             if row is not None and row.state == State.BROADCAST and row.raw_tx is not None:
                 self._tracker.watch(InFlight.from_row(row, known_to_node=False, check_now=True))
 
-    async def recover(self) -> int:
-        """Resume every unfinished row of this network; returns how many."""
+    async def recover(self, schemes: Mapping[str, Scheme]) -> int:
+        """Resume every unfinished row of this network (`schemes`: this network's, by name);
+        returns how many."""
         rows = await self._store.unfinished(self.network.chain_id)
         for row in rows:
             self._board.expect(row.id, _key(row))
             if row.state == State.PENDING:
-                await self._recover_pending(row)
+                await self._recover_pending(row, schemes.get(row.scheme))
             else:
                 known = row.state == State.BROADCAST
                 self._tracker.watch(InFlight.from_row(row, known_to_node=known, check_now=True))
@@ -298,20 +353,28 @@ class Settler:
             log.warning("recovered %d unfinished settlements on %s", len(rows), self.network.key)
         return len(rows)
 
-    async def _recover_pending(self, row: SettlementRow) -> None:
-        """A row claimed but never signed: estimate again (the chain may have moved) and send."""
-        call = {"from": self._broadcaster.address, "to": row.call_to,
-                "data": "0x" + row.calldata.hex()}
-        try:
-            gas = int(await self._chain.request("eth_estimateGas", [call, "latest"]), 16)
-        except RpcError as exc:
-            reason = classify_transfer_revert(abi.decode_revert(exc.data, exc.message))
-            await self._store.mark_failed(row.id, str(reason or Reason.TRANSACTION_FAILED),
-                                          f"recovery: {exc.message[:200]}")
-            self._board.resolve(row.id, Rejected(reason or Reason.TRANSACTION_FAILED, exc.message))
+    async def _recover_pending(self, row: SettlementRow, scheme: Scheme | None) -> None:
+        """A row claimed but never signed: expired, or checked again as a settlement (the chain
+        may have moved) and sent, or refused as /settle refuses it."""
+        if self._clock() >= row.valid_before:
+            reason = traits_of(row.transfer_method).expired_reason
+            message = "recovery: the authorization expired before it was sent"
+            self._count_failure("expired")
+            await self._store.mark_failed(row.id, str(reason), message, expired=True)
+            self._board.resolve(row.id, Rejected(reason, message))
             return
-        self._broadcaster.resubmit(
-            row, min(int(gas * self._policy.gas_headroom), self._policy.gas_limit_cap))
+        try:
+            if scheme is None:
+                gas: int | Rejection = Rejection(
+                    Reason.UNEXPECTED_SETTLE_ERROR, f"scheme {row.scheme!r} is not served here")
+            else:
+                gas = await self._check_before_broadcast(scheme, _recheck(row))
+        except Exception as exc:  # noqa: BLE001 - nothing was sent: refuse rather than orphan
+            gas = self._unexpected(row, exc)
+        if isinstance(gas, Rejection):
+            await self._conclude_refusal(row, gas)
+            return
+        self._broadcaster.resubmit(row, gas)
 
 
 def _key(row: SettlementRow) -> tuple[str, str, bytes]:
@@ -338,5 +401,20 @@ def _failure(wire_network: str, payer: str, reason: Reason, message: str, row: S
 
 def _amount(row: SettlementRow) -> str | None:
     """upto answers carry the settled amount (the SDK requires it)."""
-    return str(row.amount) if row.transfer_method == "permit2" else None
+    return str(row.amount) if traits_of(row.transfer_method).reports_amount else None
+
+
+def _recheck(row: SettlementRow) -> Checked:
+    """A claimed row as the scheme's on-chain checks take it. Its signature was checked when it
+    was claimed (ERC-1271 too) and the simulation proves it again; the EIP-712 domain the payer
+    signed is not stored, so an unexplained revert is not diagnosed further."""
+    intent = SettlementIntent(
+        scheme=row.scheme, x402_version=row.x402_version, network=row.network,
+        chain_id=row.chain_id, asset=row.asset, payer=row.payer, pay_to=row.pay_to,
+        amount=row.amount, nonce=row.nonce, valid_after=row.valid_after,
+        valid_before=row.valid_before, signature=row.signature, fingerprint=row.fingerprint,
+        call_to=row.call_to, calldata=row.calldata, transfer_method=row.transfer_method,
+        cap_amount=row.cap_amount)
+    return Checked(intent=intent, digest=b"", signature_check=SignatureCheck.VALID_EOA,
+                   payer=to_checksum(row.payer))
 
