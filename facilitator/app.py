@@ -1,9 +1,11 @@
 """Wiring: builds the running service from `Settings` — adapters, services, background tasks and
-the HTTP server — and tears it down in the reverse order.
+the HTTP server — and tears it down in the reverse order. Two shapes: `Facilitator`
+(`facilitator serve`) and `WatchService` (`facilitator watch`: only the chain watchers, for
+running them apart from the API with `FACILITATOR_WATCHER=off` on the serving processes).
 
-Start-up fails fast: migrations, database reachability, each RPC's chain id and the signer's
-nonce are checked before the port opens. Every background task is owned here and cancelled on
-stop; a task that dies unexpectedly is logged as critical.
+Start-up fails fast: migrations, database reachability, each RPC's chain id (serve and watch
+alike) and the signer's nonce are checked before the port opens. Every background task is owned
+here and cancelled on stop; a task that dies unexpectedly is logged as critical.
 """
 
 from __future__ import annotations
@@ -20,26 +22,25 @@ from facilitator.adapters.blobstore import BlobStoreClient
 from facilitator.adapters.chainstate import ChainState, PaymentChainState
 from facilitator.adapters.og_chain import OgChainState
 from facilitator.adapters.og_relay import RelayStore
-from facilitator.protocol.fields import BadRequest
 from facilitator.services.attestations import AttestationService
 from facilitator.services.datarelay import DataRelay
 from facilitator.services.og_logs import OgLogs
 from facilitator.adapters.jsonrpc import JsonRpcClient
 from facilitator.adapters.metrics import Metrics
 from facilitator.adapters.store import Store
-from facilitator.config import NetworkSettings, OgSettings, Settings
-from facilitator.http.app import build_http_app
+from facilitator.config import NetworkSettings, OgSettings, Secret, Settings, StartupError
+from facilitator.http.app import build_http_app, build_metrics_app, status_body
+from facilitator.http.og import AsyncSettlement, add_og_routes
 from facilitator.protocol.networks import Network, NetworkRegistry
 from facilitator.protocol.reasons import Reason
 from facilitator.adapters.jobs import JobStore
 from facilitator.audit.findings_routes import add_findings_routes
+from facilitator.audit.queries import watcher_head
 from facilitator.audit.routes import add_audit_routes
 from facilitator.core.crosscheck import CrossCheckPolicy
 from facilitator.services.crosscheck import CrossChecker
-from facilitator.audit.tokens import require_role
 from facilitator.adapters.sessions import SessionStore
-from facilitator.protocol.fields import to_checksum
-from facilitator.schemes.common import Scheme
+from facilitator.schemes.common import AssetCodeCache, Scheme
 from facilitator.schemes.exact import ExactEip3009Scheme
 from facilitator.schemes.upto import UptoPermit2Scheme
 from facilitator.services.jobs import SettleJobWorker
@@ -51,12 +52,9 @@ from facilitator.services.settler import SettlePolicy, Settler
 from facilitator.services.tracker import Tracker
 from facilitator.services.payment_logs import PaymentLogs
 from facilitator.services.watcher import ChainWatcher, WatcherPolicy
+from facilitator.invariant import invariant
 
 log = logging.getLogger("facilitator.app")
-
-
-class StartupError(RuntimeError):
-    pass
 
 
 @dataclass
@@ -111,7 +109,8 @@ class Facilitator:
                       for k, r in runtimes.items()},
             recorder=recorder, metrics=metrics, signer_address=settings.signer_key.address)
         jobs = JobStore(store.pool)
-        og = _build_og(settings, store, metrics) if settings.og is not None else None
+        og = _build_og(settings.og, settings, store, metrics) if settings.og is not None \
+            else None
         return cls(settings=settings, metrics=metrics, store=store, service=service,
                    recorder=recorder, networks=runtimes, jobs=jobs,
                    job_worker=SettleJobWorker(jobs=jobs, service=service), sessions=sessions,
@@ -120,9 +119,10 @@ class Facilitator:
     async def start(self) -> None:
         for runtime in self.networks.values():
             await runtime.chain.start()
-            await _check_chain_id(runtime)
+            network = runtime.settings.network
+            await _expect_chain(runtime.chain, network.chain_id, f"the RPC of {network.key}")
             await runtime.broadcaster.start()
-            await runtime.settler.recover()
+            await runtime.settler.recover(runtime.schemes)
             self._spawn(runtime.broadcaster.run(), f"broadcaster:{runtime.settings.network.key}")
             self._spawn(runtime.tracker.run(), f"tracker:{runtime.settings.network.key}")
             if self.settings.watcher_enabled:
@@ -131,30 +131,23 @@ class Facilitator:
         self._spawn(self.job_worker.run(), "settle-jobs")
         if self.og is not None:
             await self._start_og(self.og)
+        jobs = AsyncSettlement(self.jobs, self.job_worker, self.sessions,
+                               self.settings.async_settle_for)
         app = build_http_app(self.service, self.metrics, self.readiness, self.settlement_status,
-                             _AsyncSettlement(self))
+                             jobs)
         add_audit_routes(app, self.store.pool, self.settings.api_tokens)
         add_findings_routes(app, self.store.pool,
                             og_chain_id=self.settings.og.chain_id if self.settings.og else None)
-        app.router.add_post("/settle_data", self.settle_data)
-        app.router.add_post("/v1/ops/chains/{network}/resume",
-                            require_role("operator")(self.resume_chain))
-        # Header limit 32 KiB: an individual /settle_data carries the whole request and
-        # response in `x-settlement-data` (aiohttp's default refuses lines over 8 KiB).
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                                     max_field_size=32 * 1024, max_line_size=32 * 1024)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.settings.host, self.settings.port,
-                           reuse_address=True, backlog=1024)
-        await site.start()
-        self.port = _bound_port(self._runner) or self.settings.port
+        watchers = {key: r.watcher for key, r in self.networks.items()}
+        if self.og is not None:
+            watchers[OG_KEY] = self.og.watcher
+        add_og_routes(app, self.og.attestations if self.og is not None else None, watchers)
+        self._runner, self.port = await _serve_http(app, self.settings)
         log.info("Facilitator listening on %s (signer %s)", self.url,
                  self.settings.signer_key.address)
 
     def _spawn(self, coro: Any, name: str) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        task.add_done_callback(_report_death)
-        self._tasks.append(task)
+        _spawn_into(self._tasks, coro, name)
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -175,45 +168,15 @@ class Facilitator:
 
     async def _start_og(self, og: _OgRuntime) -> None:
         await og.chain.start()
-        actual = int(await og.chain.request("eth_chainId", []), 16)
-        if og.settings.chain_id != actual:
-            raise StartupError(f"FACILITATOR_OG_RPC_URLS serves chain {actual}, expected "
-                               f"{og.settings.chain_id}")
+        await _expect_chain(og.chain, og.settings.chain_id, "FACILITATOR_OG_RPC_URLS")
         if og.blobs is not None:
             await og.blobs.start()
-        self._spawn(og.watcher.run(), "watcher:opengradient")
+        if self.settings.watcher_enabled:  # else `facilitator watch` runs it
+            self._spawn(og.watcher.run(), "watcher:opengradient")
         self._spawn(og.attestations.run(), "attestations")
         if og.relay is not None:
             self._spawn(og.relay.run(), "data-relay")
         self._spawn(og.crosscheck.run(), "crosscheck")
-
-    async def settle_data(self, request: web.Request) -> web.Response:
-        """`POST /settle_data` (OpenGradient's facilitator API): one attestation per call."""
-        if self.og is None:
-            return web.json_response({"error": "not_configured", "message": "attestation "
-                                      "cross-check is not configured (FACILITATOR_OG_RPC_URLS)"},
-                                     status=503)
-        try:
-            body = await self.og.attestations.ingest(request.headers.get("x-settlement-type"),
-                                                     request.headers.get("x-settlement-data"))
-        except BadRequest as exc:
-            return web.json_response({"error": "invalid_request", "field": exc.field,
-                                      "message": exc.message}, status=400)
-        return web.json_response(body, status=202)
-
-    async def resume_chain(self, request: web.Request) -> web.Response:
-        """Operator action after a deep reorg halted a chain's watcher: accept the chain as it is
-        now (the watcher then reverts to the common ancestor and confirms again)."""
-        key = request.match_info["network"]
-        runtime = self.networks.get(key)
-        watcher = runtime.watcher if runtime is not None else \
-            self.og.watcher if self.og is not None and key == OG_KEY else None
-        if watcher is None:
-            return web.json_response({"error": "not_found", "message": "no such network"},
-                                     status=404)
-        resumed = await watcher.resume()
-        log.warning("operator resumed the watcher of %s (was halted: %s)", key, resumed)
-        return web.json_response({"network": key, "resumed": resumed})
 
     async def readiness(self) -> dict[str, Any]:
         checks: dict[str, str] = {}
@@ -233,33 +196,31 @@ class Facilitator:
         return {"ready": ready, "checks": checks}
 
     async def settlement_status(self, key: str) -> dict[str, Any] | None:
+        """`GET /settle/{id}`; confirmations count from the chain watcher's stored head (as in
+        the audit API), so a status poll never waits on the RPC."""
         row = await self.store.find(key)
         if row is None:
             return None
         timeline = await self.store.timeline(row.id)
-        runtime = next((r for r in self.networks.values()
-                        if r.settings.network.chain_id == row.chain_id), None)
         head = None
-        if runtime is not None and row.block_number is not None:
-            try:
-                head = int(await runtime.chain.request("eth_blockNumber", []), 16)
-            except Exception:  # noqa: BLE001 - confirmations are best effort here
-                head = None
-        return _status_body(row, timeline, head)
+        if row.block_number is not None:
+            head = await watcher_head(self.store.pool, row.chain_id)
+        return status_body(row, timeline, head)
 
 
 def _build_network(ns: NetworkSettings, settings: Settings, store: Store,
                    sessions: SessionStore, metrics: Metrics) -> _NetworkRuntime:
     network = ns.network
-    chain = JsonRpcClient([u.reveal() for u in ns.rpc_urls], chain=network.key, metrics=metrics,
-                          timeout_s=settings.rpc_timeout_s)
+    chain = _rpc_client(ns.rpc_urls, network.key, settings, metrics)
     board = OutcomeBoard()
     signer = settings.signer_key.address.lower()
+    asset_code = AssetCodeCache()  # one per network: its schemes check the same assets
     schemes: dict[str, Scheme] = {
-        "exact": ExactEip3009Scheme(network=network, chain=chain, facilitator_address=signer)}
+        "exact": ExactEip3009Scheme(network=network, chain=chain, facilitator_address=signer,
+                                    asset_code=asset_code)}
     if "upto" in settings.schemes:
         schemes["upto"] = UptoPermit2Scheme(network=network, chain=chain,
-                                            facilitator_address=signer)
+                                            facilitator_address=signer, asset_code=asset_code)
     broadcaster = Broadcaster(
         network=network, chain=chain, store=store, key=settings.signer_key, board=board,
         metrics=metrics, policy=GasPolicy(
@@ -276,55 +237,117 @@ def _build_network(ns: NetworkSettings, settings: Settings, store: Store,
                                           gas_limit_cap=settings.gas_limit_cap,
                                           duplicates=settings.duplicate_settle))
     watcher, payment_logs = _payment_watcher(network, chain, store, metrics, settings)
-    payment_logs.on_reorged = settler.track_again
-    payment_logs.after_step = lambda: broadcaster.refresh_balance(min_interval_s=10.0)
+    # Rows a reorg moved back are adopted by the tracker: at once from this process's watcher,
+    # by its periodic sweep when the watcher runs elsewhere (`facilitator watch`).
+    payment_logs.on_reorged = tracker.adopt
+    tracker.recover_pending = lambda row: settler._recover_pending(  # noqa: SLF001
+        row, schemes.get(row.scheme))
+    tracker.on_sweep = lambda: broadcaster.refresh_balance(min_interval_s=10.0)
     return _NetworkRuntime(ns, chain, broadcaster, tracker, settler, schemes, watcher)
 
 
-async def run_watchers(settings: Settings, stop: asyncio.Event) -> None:
-    """`facilitator watch`: only the chain watchers (confirmations, reorgs, unmatched
-    transfers), for running them apart from the API; the same checkpoints, so never both."""
-    metrics = Metrics(networks=tuple(ns.network.key for ns in settings.networks))
-    store = await Store.connect(settings.database_url.reveal(), max_size=4)
-    chains: list[JsonRpcClient] = []
-    tasks: list[asyncio.Task[None]] = []
-    try:
-        await store.migrate()
+@dataclass
+class WatchService:
+    """`facilitator watch`: only the chain watchers — each payment chain's (confirmations,
+    reorgs, unmatched transfers) and, when FACILITATOR_OG_RPC_URLS is set, the OpenGradient
+    chain's — with `/metrics` and `/health` on FACILITATOR_HOST:FACILITATOR_PORT, so the
+    watcher metrics and the unfinished-settlements gauge are scraped from this process. The
+    checkpoints are the serving processes' (one database): run those with
+    FACILITATOR_WATCHER=off, never both."""
+
+    settings: Settings
+    metrics: Metrics
+    store: Store
+    chains: list[tuple[JsonRpcClient, int, str]]  # (client, expected chain id, what it is)
+    watchers: list[ChainWatcher]
+    blobs: BlobStoreClient | None = None
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _runner: web.AppRunner | None = None
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.settings.host}:{self.port}"
+
+    @classmethod
+    async def create(cls, settings: Settings) -> WatchService:
+        metrics = Metrics(networks=tuple(ns.network.key for ns in settings.networks),
+                          causes=tuple(str(r) for r in Reason))
+        store = await Store.connect(settings.database_url.reveal(), min_size=1, max_size=4)
+        metrics.track_db_pool(store.pool)
+        try:
+            await store.migrate()
+        except Exception:
+            await store.close()
+            raise
+        service = cls(settings=settings, metrics=metrics, store=store, chains=[], watchers=[])
         for ns in settings.networks:
-            chain = JsonRpcClient([u.reveal() for u in ns.rpc_urls], chain=ns.network.key,
-                                  metrics=metrics, timeout_s=settings.rpc_timeout_s)
+            chain = _rpc_client(ns.rpc_urls, ns.network.key, settings, metrics)
+            service.chains.append((chain, ns.network.chain_id, f"the RPC of {ns.network.key}"))
+            service.watchers.append(
+                _payment_watcher(ns.network, chain, store, metrics, settings)[0])
+        if settings.og is not None:
+            og = settings.og
+            metrics.initialise_chain(OG_KEY)
+            chain = _rpc_client(og.rpc_urls, OG_KEY, settings, metrics)
+            service.blobs = BlobStoreClient(og.blobstore_url) if og.blobstore_url else None
+            service.chains.append((chain, og.chain_id, "FACILITATOR_OG_RPC_URLS"))
+            service.watchers.append(_og_watcher(og, settings, store, metrics, chain,
+                                                service.blobs)[0])
+        return service
+
+    async def start(self) -> None:
+        for chain, chain_id, what in self.chains:
             await chain.start()
-            chains.append(chain)
-            watcher, _ = _payment_watcher(ns.network, chain, store, metrics, settings)
-            tasks.append(asyncio.get_running_loop().create_task(watcher.run()))
-        log.info("watching %s", ", ".join(ns.network.key for ns in settings.networks))
-        await stop.wait()
-    finally:
-        for task in tasks:
+            await _expect_chain(chain, chain_id, what)
+        if self.blobs is not None:
+            await self.blobs.start()
+        for watcher in self.watchers:
+            _spawn_into(self._tasks, watcher.run(), f"watcher:{watcher.key}")
+        self._runner, self.port = await _serve_http(build_metrics_app(self.metrics),
+                                                    self.settings)
+        log.info("watching %s; metrics on %s/metrics",
+                 ", ".join(w.key for w in self.watchers), self.url)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for chain in chains:
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        for chain, _, _ in self.chains:
             await chain.close()
-        await store.close()
+        if self.blobs is not None:
+            await self.blobs.close()
+        await self.store.close()
+
+
+def _rpc_client(urls: tuple[Secret, ...], key: str, settings: Settings,
+                metrics: Metrics) -> JsonRpcClient:
+    return JsonRpcClient([u.reveal() for u in urls], chain=key, metrics=metrics,
+                         timeout_s=settings.rpc_timeout_s)
 
 
 def _payment_watcher(network: Network, chain: JsonRpcClient, store: Store, metrics: Metrics,
                      settings: Settings) -> tuple[ChainWatcher, PaymentLogs]:
     state = PaymentChainState(store.pool, network.chain_id, network.key)
-    policy = _watcher_policy(network, settings)
+    policy = _watcher_policy(network.confirmations, settings, settings.watched_payees)
     logs = PaymentLogs(network=network, state=state, metrics=metrics, policy=policy)
     watcher = ChainWatcher(key=network.key, chain=chain, state=state, metrics=metrics,
                            policy=policy, processor=logs)
     return watcher, logs
 
 
-def _watcher_policy(network: Network, settings: Settings) -> WatcherPolicy:
+def _watcher_policy(confirmations: int, settings: Settings,
+                    payees: frozenset[str] = frozenset()) -> WatcherPolicy:
     return WatcherPolicy(
-        confirmations=network.confirmations, max_reorg_depth=settings.max_reorg_depth,
+        confirmations=confirmations, max_reorg_depth=settings.max_reorg_depth,
         range_blocks=settings.watcher_range_blocks,
         poll_interval_s=settings.watcher_poll_interval_s,
         start_lookback_blocks=settings.watcher_start_lookback_blocks,
-        watched_payees=settings.watched_payees)
+        watched_payees=payees)
 
 
 OG_KEY = "opengradient"
@@ -341,29 +364,18 @@ class _OgRuntime:
     crosscheck: CrossChecker
 
 
-def _build_og(settings: Settings, store: Store, metrics: Metrics) -> _OgRuntime:
-    og = settings.og
-    if og is None:
-        raise StartupError("OpenGradient settings are missing")
+def _build_og(og: OgSettings, settings: Settings, store: Store, metrics: Metrics) -> _OgRuntime:
     metrics.initialise_chain(OG_KEY)
-    chain = JsonRpcClient([u.reveal() for u in og.rpc_urls], chain=OG_KEY, metrics=metrics,
-                          timeout_s=settings.rpc_timeout_s)
+    chain = _rpc_client(og.rpc_urls, OG_KEY, settings, metrics)
     blobs = BlobStoreClient(og.blobstore_url) if og.blobstore_url else None
-    logs = OgLogs(chain=chain, state=OgChainState(store.pool, og.chain_id), metrics=metrics,
-                  registry=og.tee_registry, relay=og.settlement_relay,
-                  relayer=og.settlement_relayer, blobs=blobs)
-    policy = WatcherPolicy(confirmations=og.confirmations, max_reorg_depth=settings.max_reorg_depth,
-                           range_blocks=settings.watcher_range_blocks,
-                           poll_interval_s=settings.watcher_poll_interval_s,
-                           start_lookback_blocks=settings.watcher_start_lookback_blocks)
-    watcher = ChainWatcher(key=OG_KEY, chain=chain, state=ChainState(store.pool, og.chain_id,
-                                                                        OG_KEY),
-                           metrics=metrics, policy=policy, processor=logs)
+    watcher, _ = _og_watcher(og, settings, store, metrics, chain, blobs)
     payments_chain = settings.networks[0].network.chain_id
     attestations = AttestationService(AttestationStore(store.pool, payments_chain, og.chain_id),
                                       metrics)
     relay = None
-    if og.data_relay and og.signer_key is not None and blobs is not None:
+    if og.data_relay:  # config guarantees the relay's signer key and blob store
+        invariant(og.signer_key is not None and blobs is not None,
+                  "the data relay needs FACILITATOR_OG_SIGNER_KEY and FACILITATOR_BLOBSTORE_URL")
         relay = DataRelay(store=RelayStore(store.pool), chain=chain, key=og.signer_key,
                           blobs=blobs, relay_contract=og.settlement_relay, chain_id=og.chain_id,
                           metrics=metrics, batch_size=og.relay_batch_size,
@@ -374,75 +386,58 @@ def _build_og(settings: Settings, store: Store, metrics: Metrics) -> _OgRuntime:
     return _OgRuntime(og, chain, watcher, attestations, blobs, relay, crosscheck)
 
 
-class _AsyncSettlement:
-    """Which /settle calls run as jobs, and the job and usage views (see http/app.py)."""
-
-    def __init__(self, facilitator: Facilitator) -> None:
-        self._facilitator = facilitator
-        self._targets = facilitator.settings.async_settle_for
-
-    def wanted(self, request: web.Request, body: Any) -> bool:
-        mode = request.headers.get("X-Settle-Mode", "").strip().lower()
-        if mode in ("async", "sync"):
-            return mode == "async"
-        return bool(self._targets) and _targets_match(body, self._targets)
-
-    async def enqueue(self, body: Any) -> dict[str, Any]:
-        job = await self._facilitator.jobs.enqueue(body)
-        self._facilitator.job_worker.wake()
-        return {"jobId": job.job_id, "queue": job.queue, "status": job.status}
-
-    async def job(self, job_id: str) -> dict[str, Any] | None:
-        job = await self._facilitator.jobs.get(job_id)
-        if job is None:
-            return None
-        return {"jobId": job.job_id, "queue": job.queue, "status": job.status,
-                "result": job.result, "error": job.error, "attempts": job.attempts,
-                "createdAt": job.created_at.isoformat(),
-                "finishedAt": job.finished_at.isoformat() if job.finished_at else None}
-
-    async def usage(self, days: int) -> dict[str, Any]:
-        rows = await self._facilitator.sessions.usage_by_day(days)
-        return {"days": days, "usage": [_usage_row(r) for r in rows]}
+def _og_watcher(og: OgSettings, settings: Settings, store: Store, metrics: Metrics,
+                chain: JsonRpcClient, blobs: BlobStoreClient | None
+                ) -> tuple[ChainWatcher, OgLogs]:
+    logs = OgLogs(chain=chain, state=OgChainState(store.pool, og.chain_id), metrics=metrics,
+                  registry=og.tee_registry, relay=og.settlement_relay,
+                  relayer=og.settlement_relayer, blobs=blobs)
+    watcher = ChainWatcher(key=OG_KEY, chain=chain,
+                           state=ChainState(store.pool, og.chain_id, OG_KEY), metrics=metrics,
+                           policy=_watcher_policy(og.confirmations, settings), processor=logs)
+    return watcher, logs
 
 
-def _targets_match(body: Any, targets: tuple[str, ...]) -> bool:
-    if not isinstance(body, dict):
-        return False
-    requirements = body.get("paymentRequirements")
-    pay_to = requirements.get("payTo") if isinstance(requirements, dict) else None
-    payment = body.get("paymentPayload")
-    resource = payment.get("resource") if isinstance(payment, dict) else None
-    url = resource.get("url") if isinstance(resource, dict) else None
-    return any((isinstance(pay_to, str) and pay_to.lower() == t) or
-               (isinstance(url, str) and t.startswith("http") and url.startswith(t))
-               for t in targets)
+async def _chain_id(chain: JsonRpcClient) -> int:
+    return int(await chain.request("eth_chainId", []), 16)
 
 
-def _usage_row(row: dict[str, Any]) -> dict[str, Any]:
-    return {"day": row["day"].isoformat(), "service": row["service"],
-            "payTo": to_checksum("0x" + bytes(row["pay_to"]).hex()),
-            "settlements": row["settlements"], "requests": int(row["requests"]),
-            "costOpg": str(int(row["cost_opg"])), "costUsd": format(row["cost_usd"], "f"),
-            "inputTokens": int(row["input_tokens"]), "outputTokens": int(row["output_tokens"]),
-            "totalTokens": int(row["total_tokens"])}
-
-
-async def _check_chain_id(runtime: _NetworkRuntime) -> None:
-    expected = runtime.settings.network.chain_id
-    actual = int(await runtime.chain.request("eth_chainId", []), 16)
+async def _expect_chain(chain: JsonRpcClient, expected: int, what: str) -> None:
+    """Start-up check (serve, watch, the OpenGradient chain): the RPC serves `expected`."""
+    actual = await _chain_id(chain)
     if actual != expected:
-        raise StartupError(f"RPC for {runtime.settings.network.key} serves chain {actual}, "
-                           f"expected {expected}")
+        raise StartupError(f"{what} serves chain {actual}, expected {expected}")
 
 
 async def _chain_check(chain: JsonRpcClient, expected: int) -> str:
-    """"ok", or why not (never the URL: it may hold an API key)."""
+    """Readiness: "ok", or why not (never the URL: it may hold an API key)."""
     try:
-        actual = int(await asyncio.wait_for(chain.request("eth_chainId", []), 3.0), 16)
+        actual = await asyncio.wait_for(_chain_id(chain), 3.0)
     except Exception as exc:  # noqa: BLE001 - reported, not raised
         return f"unavailable: {type(exc).__name__}"
     return "ok" if actual == expected else f"wrong chain: {actual}, expected {expected}"
+
+
+async def _serve_http(app: web.Application, settings: Settings) -> tuple[web.AppRunner, int]:
+    """Listen on FACILITATOR_HOST:FACILITATOR_PORT; the runner and the bound port."""
+    # Header limit 32 KiB: an individual /settle_data carries the whole request and
+    # response in `x-settlement-data` (aiohttp's default refuses lines over 8 KiB).
+    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                           max_field_size=32 * 1024, max_line_size=32 * 1024)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True, backlog=1024)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner, _bound_port(runner) or settings.port
+
+
+def _spawn_into(tasks: list[asyncio.Task[None]], coro: Any, name: str) -> None:
+    task = asyncio.get_running_loop().create_task(coro, name=name)
+    task.add_done_callback(_report_death)
+    tasks.append(task)
 
 
 def _bound_port(runner: web.AppRunner) -> int | None:
@@ -459,20 +454,3 @@ def _report_death(task: asyncio.Task[None]) -> None:
     exc = task.exception()
     if exc is not None:
         log.critical("background task %s died: %r", task.get_name(), exc)
-
-
-def _status_body(row: Any, timeline: list[dict[str, Any]], head: int | None) -> dict[str, Any]:
-    confirmations = None
-    if head is not None and row.block_number is not None and row.state in ("included", "confirmed"):
-        confirmations = max(head - row.block_number + 1, 0)
-    return {
-        "id": row.public_id, "state": str(row.state), "scheme": row.scheme,
-        "network": row.network, "chainId": row.chain_id, "asset": row.asset, "payer": row.payer,
-        "payTo": row.pay_to, "amount": str(row.amount), "transaction": row.tx_hash_hex or None,
-        "blockNumber": row.block_number, "confirmations": confirmations,
-        "settledBy": row.settled_by, "reason": row.reason, "message": row.message,
-        "timeline": [{"at": e["at"].isoformat(), "from": e["from_state"], "to": e["to_state"],
-                      "reason": e["reason"],
-                      "transaction": "0x" + e["tx_hash"].hex() if e["tx_hash"] else None}
-                     for e in timeline],
-    }

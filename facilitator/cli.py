@@ -1,7 +1,8 @@
-"""`facilitator` command line: serve, watch, audit, migrate, devnet.
+"""`facilitator` command line: serve, watch, migrate, audit, crosscheck, devnet, demo.
 
 Exit codes: 0 on a clean stop, 2 when the configuration is invalid (the message names the
-setting), 1 on any other start-up failure.
+setting), 1 on any other start-up failure (a one-line message when the world does not match the
+settings, e.g. an RPC serving another chain).
 """
 
 from __future__ import annotations
@@ -14,11 +15,18 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from facilitator.adapters.logging import configure_logging
 from facilitator.audit.cli import add_audit_parser, run_audit
 from facilitator.audit.crosscheck_cli import add_crosscheck_parser, run_crosscheck
-from facilitator.config import ConfigError, load_settings
+from facilitator.config import (
+    ConfigError,
+    Settings,
+    StartupError,
+    database_url_from_env,
+    load_settings,
+)
 
 log = logging.getLogger("facilitator.cli")
 
@@ -28,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run the facilitator against the configured chains and database")
     sub.add_parser("migrate", help="apply database migrations (DATABASE_URL) and exit")
-    sub.add_parser("watch", help="run only the chain watchers (confirmations, reorgs)")
+    sub.add_parser("watch", help="run only the chain watchers (confirmations, reorgs), with "
+                   "/metrics and /health on FACILITATOR_PORT")
     add_audit_parser(sub)
     add_crosscheck_parser(sub)
     devnet = sub.add_parser("devnet", help="run a local devnet with the facilitator on it")
@@ -55,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"facilitator: configuration error: {exc}", file=sys.stderr)
         return 2
+    except StartupError as exc:
+        print(f"facilitator: start-up failed: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 0
 
@@ -68,39 +80,48 @@ def _use_fast_event_loop() -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+class _Service(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
 async def _serve(args: argparse.Namespace) -> int:
     from facilitator.app import Facilitator
 
-    settings = load_settings()
-    configure_logging(settings.log_level, settings.log_format, settings.secrets)
-    service = await Facilitator.create(settings)
-    await service.start()
-    await _until_signalled()
-    await service.stop()
+    settings = _settings_with_logging()
+    await _run_until_signalled(await Facilitator.create(settings))
     return 0
 
 
 async def _watch(args: argparse.Namespace) -> int:
-    from facilitator.app import run_watchers
+    from facilitator.app import WatchService
 
+    settings = _settings_with_logging()
+    await _run_until_signalled(await WatchService.create(settings))
+    return 0
+
+
+def _settings_with_logging() -> Settings:
     settings = load_settings()
     configure_logging(settings.log_level, settings.log_format, settings.secrets)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await run_watchers(settings, stop)
-    return 0
+    return settings
+
+
+async def _run_until_signalled(service: _Service) -> None:
+    """Start `service`, run it until SIGINT or SIGTERM, stop it (also when start failed)."""
+    try:
+        await service.start()
+        await _until_signalled()
+    finally:
+        await service.stop()
 
 
 async def _migrate(args: argparse.Namespace) -> int:
     from facilitator.adapters.store import Store
 
     configure_logging("INFO", "text")
-    dsn = os.environ.get("DATABASE_URL", "")
-    if not dsn:
-        raise ConfigError("DATABASE_URL is required")
-    store = await Store.connect(dsn, min_size=1, max_size=2)
+    store = await Store.connect(database_url_from_env(), min_size=1, max_size=2)
     try:
         applied = await store.migrate()
     finally:

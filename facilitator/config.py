@@ -14,9 +14,9 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from decimal import Decimal
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +27,18 @@ from facilitator.protocol.networks import BASE_SEPOLIA, Asset, Network, Transfer
 
 GWEI = 10**9
 _SECRET_TOML_KEYS = frozenset({"database_url", "signer_key", "rpc_urls"})
+_HTTP_URL = re.compile(r"https?://[^\s/]+")
+DEFAULT_OG_CHAIN_ID = 10740
+DEFAULT_SETTLE_WINDOW_S = 3600.0
 
 
 class ConfigError(ValueError):
     """A setting is missing or invalid; the message names it."""
+
+
+class StartupError(RuntimeError):
+    """The settings are valid but the world does not match them (e.g. an RPC serves another
+    chain); raised by the wiring before it starts serving."""
 
 
 class Secret:
@@ -171,12 +179,46 @@ class _Reader:
 
     def choice(self, var: str, default: str, options: tuple[str, ...], toml: str | None = None
                ) -> str:
-        value = self.text(var, default, toml)
-        if value not in options:
-            found = self._raw(var, toml)
-            name = found[1] if found is not None else var
-            raise ConfigError(f"{name} must be one of {', '.join(options)}, got {value[:40]!r}")
-        return value
+        found = self._raw(var, toml)
+        if found is None:
+            return default
+        value, name = found
+        if not isinstance(value, str) or value.strip() not in options:
+            shown = value[:40] if isinstance(value, str) else value
+            raise ConfigError(f"{name} must be one of {', '.join(options)}, got {shown!r}")
+        return value.strip()
+
+    def secret_text(self, var: str) -> str | None:
+        """An environment-only value (secrets never come from the TOML file), or None."""
+        value = self.env.get(var, "").strip()
+        return value or None
+
+
+def database_url_from_env(env: Mapping[str, str] | None = None) -> str:
+    """DATABASE_URL (for the commands that need only the database); ConfigError when unset."""
+    return _Reader(os.environ if env is None else env, {}).text("DATABASE_URL")
+
+
+@dataclass(frozen=True)
+class CrossCheckSettings:
+    og_chain_id: int = DEFAULT_OG_CHAIN_ID
+    settle_window_s: float = DEFAULT_SETTLE_WINDOW_S
+
+
+def crosscheck_settings(env: Mapping[str, str] | None = None) -> CrossCheckSettings:
+    """The two settings `facilitator crosscheck` shares with the service (environment, then
+    FACILITATOR_CONFIG), read and validated exactly as `load_settings` reads them."""
+    env = os.environ if env is None else env
+    return _crosscheck_settings(_Reader(env, _load_toml(env.get("FACILITATOR_CONFIG", ""))))
+
+
+def _crosscheck_settings(read: _Reader) -> CrossCheckSettings:
+    return CrossCheckSettings(
+        og_chain_id=read.integer("FACILITATOR_OG_CHAIN_ID", DEFAULT_OG_CHAIN_ID, "og.chain_id",
+                                 low=1),
+        settle_window_s=read.number("FACILITATOR_ATTESTATION_SETTLE_WINDOW_S",
+                                    DEFAULT_SETTLE_WINDOW_S, "og.settle_window_s", low=1,
+                                    high=30 * 86_400))
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
@@ -185,8 +227,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     read = _Reader(env, toml)
     key = _signer_key(env)
     database_url = Secret(read.text("DATABASE_URL"))
-    networks = _networks(env, toml)
-    og = _og_settings(env, read)
+    networks = _networks(read)
+    og = _og_settings(read)
     secrets = ([database_url.reveal()] + [u.reveal() for n in networks for u in n.rpc_urls]
                + list(key.redaction_forms()))
     if og is not None:
@@ -245,29 +287,31 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     )
 
 
-def _og_settings(env: Mapping[str, str], read: _Reader) -> OgSettings | None:
+def _og_settings(read: _Reader) -> OgSettings | None:
     """Set up only when FACILITATOR_OG_RPC_URLS is given (the attestation cross-check)."""
-    if not env.get("FACILITATOR_OG_RPC_URLS"):
+    if read.secret_text("FACILITATOR_OG_RPC_URLS") is None:
         return None
     relay_on = read.choice("FACILITATOR_DATA_RELAY", "off", ("on", "off"), "og.data_relay") == "on"
     signer = None
     if relay_on:
-        raw = env.get("FACILITATOR_OG_SIGNER_KEY", "")
-        if not raw:
+        raw = read.secret_text("FACILITATOR_OG_SIGNER_KEY")
+        if raw is None:
             raise ConfigError(
                 "FACILITATOR_OG_SIGNER_KEY is required when FACILITATOR_DATA_RELAY=on")
         try:
             signer = SignerKey.from_hex(raw)
         except SignerKeyError as exc:
             raise ConfigError(f"FACILITATOR_OG_SIGNER_KEY: {exc}") from None
-    blobstore = env.get("FACILITATOR_BLOBSTORE_URL") or None
-    if blobstore is not None and not re.match(r"https?://[^\s/]+", blobstore):
+    blobstore = read.text("FACILITATOR_BLOBSTORE_URL", "-")
+    blobstore = None if blobstore == "-" else blobstore
+    if blobstore is not None and not _HTTP_URL.match(blobstore):
         raise ConfigError("FACILITATOR_BLOBSTORE_URL must start with http:// or https://")
     if relay_on and blobstore is None:
         raise ConfigError("FACILITATOR_BLOBSTORE_URL is required when FACILITATOR_DATA_RELAY=on")
+    shared = _crosscheck_settings(read)
     return OgSettings(
-        chain_id=read.integer("FACILITATOR_OG_CHAIN_ID", 10740, "og.chain_id", low=1),
-        rpc_urls=_rpc_urls(env, "FACILITATOR_OG_RPC_URLS"),
+        chain_id=shared.og_chain_id,
+        rpc_urls=_rpc_urls(read.env, "FACILITATOR_OG_RPC_URLS"),
         tee_registry=_one_address(read, "FACILITATOR_TEE_REGISTRY", "og.tee_registry"),
         settlement_relay=_one_address(read, "FACILITATOR_SETTLEMENT_RELAY",
                                       "og.settlement_relay"),
@@ -281,8 +325,7 @@ def _og_settings(env: Mapping[str, str], read: _Reader) -> OgSettings | None:
                                       low=1, high=10_000),
         relay_batch_age_s=read.number("FACILITATOR_RELAY_BATCH_AGE_S", 300.0,
                                       "og.relay_batch_age_s", low=0.1, high=86_400),
-        settle_window_s=read.number("FACILITATOR_ATTESTATION_SETTLE_WINDOW_S", 3600.0,
-                                    "og.settle_window_s", low=1, high=30 * 86_400),
+        settle_window_s=shared.settle_window_s,
     )
 
 
@@ -380,21 +423,25 @@ def _signer_key(env: Mapping[str, str]) -> SignerKey:
     raise ConfigError("FACILITATOR_SIGNER_KEY or FACILITATOR_SIGNER_KEY_FILE is required")
 
 
-def _networks(env: Mapping[str, str], toml: Mapping[str, Any]) -> tuple[NetworkSettings, ...]:
-    tables = toml.get("networks")
+def _confirmations(read: _Reader, default: int) -> int:
+    """FACILITATOR_CONFIRMATIONS when set (it overrides every `networks[].confirmations`),
+    else `default` (the network's TOML value, or the built-in one)."""
+    return read.integer("FACILITATOR_CONFIRMATIONS", default, low=0, high=10_000)
+
+
+def _networks(read: _Reader) -> tuple[NetworkSettings, ...]:
+    tables = read.toml.get("networks")
     if tables is None:
-        confirmations = _Reader(env, {}).integer("FACILITATOR_CONFIRMATIONS",
-                                                 BASE_SEPOLIA.confirmations, low=0, high=10_000)
         network = Network(key=BASE_SEPOLIA.key, chain_id=BASE_SEPOLIA.chain_id,
                           v1_name=BASE_SEPOLIA.v1_name, assets=BASE_SEPOLIA.assets,
-                          confirmations=confirmations)
-        return (NetworkSettings(network, _rpc_urls(env, "FACILITATOR_RPC_URLS")),)
+                          confirmations=_confirmations(read, BASE_SEPOLIA.confirmations))
+        return (NetworkSettings(network, _rpc_urls(read.env, "FACILITATOR_RPC_URLS")),)
     if not isinstance(tables, list) or not tables:
         raise ConfigError("networks (in FACILITATOR_CONFIG) must be a non-empty array of tables")
-    return tuple(_network(env, t, i) for i, t in enumerate(tables))
+    return tuple(_network(read, t, i) for i, t in enumerate(tables))
 
 
-def _network(env: Mapping[str, str], table: Any, index: int) -> NetworkSettings:
+def _network(read: _Reader, table: Any, index: int) -> NetworkSettings:
     where = f"networks[{index}]"
     if not isinstance(table, Mapping):
         raise ConfigError(f"{where} must be a table")
@@ -408,9 +455,10 @@ def _network(env: Mapping[str, str], table: Any, index: int) -> NetworkSettings:
     network = Network(
         key=key, chain_id=chain_id, v1_name=table.get("v1_name"),
         assets=tuple(_asset(a, f"{where}.assets[{i}]") for i, a in enumerate(assets)),
-        confirmations=_toml_int(table, "confirmations", where, low=0, default=10))
+        confirmations=_confirmations(
+            read, _toml_int(table, "confirmations", where, low=0, default=10)))
     env_var = table.get("rpc_urls_env") or "FACILITATOR_RPC_URLS_" + key.upper().replace("-", "_")
-    return NetworkSettings(network, _rpc_urls(env, str(env_var)))
+    return NetworkSettings(network, _rpc_urls(read.env, str(env_var)))
 
 
 def _asset(table: Any, where: str) -> Asset:
@@ -435,7 +483,7 @@ def _rpc_urls(env: Mapping[str, str], var: str) -> tuple[Secret, ...]:
     if not urls:
         raise ConfigError(f"{var} is required: comma-separated JSON-RPC URLs")
     for i, url in enumerate(urls):
-        if not re.match(r"https?://[^\s/]+", url):
+        if not _HTTP_URL.match(url):
             raise ConfigError(f"{var}: URL #{i + 1} must start with http:// or https://")
     return tuple(Secret(u) for u in urls)
 

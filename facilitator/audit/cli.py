@@ -33,11 +33,10 @@ from contextlib import suppress
 from typing import IO, Any
 
 import asyncpg
-import orjson
 
 from facilitator.audit import queries
+from facilitator.audit.cli_support import connect_pool, json_text, render
 from facilitator.audit.formats import encoder
-from facilitator.config import ConfigError
 from facilitator.protocol.fields import BadRequest
 
 # (option, query parameter, help): the CLI spelling of each filter.
@@ -142,10 +141,7 @@ async def run_audit(args: argparse.Namespace) -> int:
         print(f"facilitator audit {command}: {_OPTION_OF.get(exc.field, exc.field)}: "
               f"{exc.message}", file=sys.stderr)
         return 2
-    dsn = os.environ.get("DATABASE_URL", "")
-    if not dsn:
-        raise ConfigError("DATABASE_URL is required")
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
+    pool = await connect_pool(max_size=1)
     try:
         return await _RUNNERS[command](pool, parsed, args)
     finally:
@@ -169,7 +165,7 @@ async def _settlement(pool: asyncpg.Pool, parsed: Parsed, args: argparse.Namespa
     if found is None:
         print(f"facilitator audit settlement: no settlement {parsed}", file=sys.stderr)
         return 1
-    print(_json(found))
+    print(json_text(found))
     return 0
 
 
@@ -186,7 +182,7 @@ async def _totals(pool: asyncpg.Pool, parsed: Parsed, args: argparse.Namespace) 
         result = await queries.totals(pool, parsed)
         groups += result["groups"]
     body = {"groupBy": result["groupBy"], "states": result["states"], "groups": groups}
-    print(_json(body) if args.format == "json" else _table(groups, _TOTALS_COLUMNS))
+    print(render(body, groups, _TOTALS_COLUMNS, args.format))
     return 0
 
 
@@ -234,19 +230,7 @@ _RUNNERS: dict[str, Callable[[asyncpg.Pool, Parsed, argparse.Namespace], Awaitab
 
 # -- output ------------------------------------------------------------------------------------
 
-def _json(body: Any) -> str:
-    return orjson.dumps(body, option=orjson.OPT_INDENT_2).decode()
-
-
 def _print_page(page: dict[str, Any], key: str, columns: Sequence[str], fmt: str) -> None:
-    print(_json(page) if fmt == "json" else _table(page[key], columns))
+    print(render(page, page[key], columns, fmt))
     if page["nextCursor"] is not None:
         print(f"more rows: add --cursor {page['nextCursor']}", file=sys.stderr)
-
-
-def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    cells = [["" if r.get(c) is None else str(r[c]) for c in columns] for r in rows]
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
-    lines = [list(columns), *cells]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip()
-                     for line in lines)

@@ -21,18 +21,14 @@ Guarantees: options are validated before connecting; running it twice stores not
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any
 
-import asyncpg
-import orjson
-
-from facilitator.audit.findings_queries import findings_by_fingerprint
 from facilitator.adapters.metrics import Metrics
 from facilitator.audit import queries
-from facilitator.audit.cli import _table
-from facilitator.config import ConfigError, _load_toml, _Reader
+from facilitator.audit.cli_support import connect_pool, render
+from facilitator.audit.findings_queries import findings_by_fingerprint
+from facilitator.config import crosscheck_settings
 from facilitator.core.crosscheck import CrossCheckPolicy, iso
 from facilitator.protocol.fields import BadRequest
 from facilitator.services.crosscheck import CrossChecker
@@ -56,22 +52,19 @@ def add_crosscheck_parser(subparsers: Any) -> None:
 async def run_crosscheck(args: argparse.Namespace) -> int:
     """Run `facilitator crosscheck`; returns the exit code."""
     try:
-        window_from = queries._timestamp(args.window_from, "from")  # noqa: SLF001
-        window_to = queries._timestamp(args.window_to, "to")  # noqa: SLF001
-        if window_to <= window_from:
-            raise BadRequest("to", "must be later than from")
+        window_from = queries.parse_timestamp(args.window_from, "from")
+        window_to = queries.parse_timestamp(args.window_to, "to")
+        queries.check_window(window_from, window_to)
     except BadRequest as exc:
         print(f"facilitator crosscheck: {_OPTION_OF.get(exc.field, exc.field)}: {exc.message}",
               file=sys.stderr)
         return 2
-    og_chain_id, policy = _settings()
-    dsn = os.environ.get("DATABASE_URL", "")
-    if not dsn:
-        raise ConfigError("DATABASE_URL is required")
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    settings = crosscheck_settings()
+    policy = CrossCheckPolicy(settle_window_s=settings.settle_window_s)
+    pool = await connect_pool(max_size=2)
     try:
         # A one-shot process: its counters are not scraped, the findings table is the record.
-        checker = CrossChecker(pool, Metrics(), policy, og_chain_id=og_chain_id)
+        checker = CrossChecker(pool, Metrics(), policy, og_chain_id=settings.og_chain_id)
         detected = await checker.run_once(window_from, window_to)
         new = {d.finding.fingerprint for d in detected if d.new}
         rows = await findings_by_fingerprint(pool, [d.finding.fingerprint for d in detected])
@@ -83,21 +76,9 @@ async def run_crosscheck(args: argparse.Namespace) -> int:
     return 0
 
 
-def _settings() -> tuple[int, CrossCheckPolicy]:
-    env = os.environ
-    read = _Reader(env, _load_toml(env.get("FACILITATOR_CONFIG", "")))
-    chain_id = read.integer("FACILITATOR_OG_CHAIN_ID", 10740, "og.chain_id", low=1)
-    window = read.number("FACILITATOR_ATTESTATION_SETTLE_WINDOW_S", 3600.0,
-                         "og.settle_window_s", low=1, high=30 * 86_400)
-    return chain_id, CrossCheckPolicy(settle_window_s=window)
-
-
 def _print(rows: list[dict[str, Any]], window_from: Any, window_to: Any, new: int,
            fmt: str) -> None:
-    if fmt == "json":
-        body = {"window": {"from": iso(window_from), "to": iso(window_to)},
-                "found": len(rows), "new": new, "findings": rows}
-        print(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
-    else:
-        print(_table(rows, _COLUMNS))
+    body = {"window": {"from": iso(window_from), "to": iso(window_to)},
+            "found": len(rows), "new": new, "findings": rows}
+    print(render(body, rows, _COLUMNS, fmt))
     print(f"{len(rows)} finding(s) for the window, {new} new", file=sys.stderr)

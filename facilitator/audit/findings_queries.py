@@ -12,7 +12,7 @@ Guarantees:
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -22,7 +22,7 @@ import orjson
 
 from facilitator.adapters.findings import ATTESTATION_SELECT, load_attestations, load_sessions
 from facilitator.audit import queries
-from facilitator.audit.queries import Page, Query, _hex, _select, _ts  # shared SQL helpers
+from facilitator.audit.queries import Page, Query, hex_column, iso_column, select_list
 from facilitator.core import crosscheck as cc
 
 SESSION_ATTESTATIONS = ATTESTATION_SELECT + " WHERE a.session_id = $1 ORDER BY a.id"
@@ -31,13 +31,13 @@ ATTESTATIONS_BY_INPUT = (ATTESTATION_SELECT
 
 # (output name, SQL expression): the one shape of a finding in lists, exports and the CLI.
 FINDING_FIELDS: tuple[tuple[str, str], ...] = (
-    ("id", "f.id"), ("detectedAt", _ts("f.detected_at")), ("kind", "f.kind"),
+    ("id", "f.id"), ("detectedAt", iso_column("f.detected_at")), ("kind", "f.kind"),
     ("linked", "f.linked"), ("sessionId", "f.session_id"),
-    ("attestationId", "f.attestation_id"), ("teeId", _hex("f.tee_id")),
-    ("payer", _hex("f.payer")), ("fingerprint", _hex("f.fingerprint")),
+    ("attestationId", "f.attestation_id"), ("teeId", hex_column("f.tee_id")),
+    ("payer", hex_column("f.payer")), ("fingerprint", hex_column("f.fingerprint")),
     ("evidence", "f.evidence::text"))
 FINDING_FIELD_NAMES = tuple(name for name, _ in FINDING_FIELDS)
-FINDING_KEY = ("us", "int")  # cursor: (detected_at, id)
+FINDING_KEY = queries.TIME_ID_KEY  # cursor: (detected_at, id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,49 +68,28 @@ def findings_query(filters: FindingFilters, page: Page | None, order: str = "asc
     query.compare("f.detected_at", ">=", filters.since)
     query.compare("f.detected_at", "<", filters.until)
     query.compare("f.linked", "=", filters.linked)
-    if page is not None:
-        order = page.order
-        if page.after is not None:
-            queries._after(query, "f.detected_at, f.id", page, page.after)  # noqa: SLF001
-    direction = "DESC" if order == "desc" else "ASC"
-    query.text = ("SELECT " + _select(FINDING_FIELDS)
-                  + (", f.detected_at AS _at, f.id AS _id" if page is not None else "")
-                  + " FROM findings f" + query.where_clause()
-                  + " ORDER BY f.detected_at " + direction + ", f.id " + direction)
-    if page is not None:
-        query.text += " LIMIT " + query.arg(page.limit + 1)  # one more: is there a next page?
-    return query
+    return queries.time_id_query(query, FINDING_FIELDS, "findings f", "f.detected_at", "f.id",
+                                 page, order)
 
 
 async def list_findings(pool: asyncpg.Pool, filters: FindingFilters, page: Page
                         ) -> dict[str, Any]:
     """`{"findings": [Finding, ...], "nextCursor": str | null}`."""
-    query = findings_query(filters, page)
-    rows = await pool.fetch(query.text, *query.args)
-    more, rows = len(rows) > page.limit, rows[:page.limit]
-    cursor = None
-    if more:
-        cursor = queries.encode_cursor("findings", page.order, (
-            queries._micros(rows[-1]["_at"]), rows[-1]["_id"]))  # noqa: SLF001
+    rows, cursor = await queries.keyset_page(pool, findings_query(filters, page), page,
+                                             "findings", queries.time_id_key)
     return {"findings": [finding_body(r) for r in rows], "nextCursor": cursor}
 
 
-@asynccontextmanager
-async def open_findings_export(pool: asyncpg.Pool, filters: FindingFilters, order: str,
-                               batch_size: int = queries.EXPORT_BATCH_ROWS
-                               ) -> AsyncIterator[AsyncIterator[list[asyncpg.Record]]]:
-    """Row batches (records in `FINDING_FIELDS` order) of one read-only snapshot, through a
-    server-side cursor; the statement is declared before this yields (as `open_export`)."""
-    query = findings_query(filters, None, order)
-    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read",
-                                                        readonly=True):
-        cursor = await conn.cursor(query.text, *query.args)
-        yield queries._batches(cursor, batch_size)  # noqa: SLF001
+def open_findings_export(pool: asyncpg.Pool, filters: FindingFilters, order: str,
+                         batch_size: int = queries.EXPORT_BATCH_ROWS
+                         ) -> AbstractAsyncContextManager[AsyncIterator[list[asyncpg.Record]]]:
+    """Row batches (records in `FINDING_FIELDS` order) of one snapshot, as `open_export`."""
+    return queries.open_snapshot(pool, findings_query(filters, None, order), batch_size)
 
 
 async def findings_by_fingerprint(pool: asyncpg.Pool, fingerprints: Sequence[bytes]
                                   ) -> list[dict[str, Any]]:
-    rows = await pool.fetch("SELECT " + _select(FINDING_FIELDS) + " FROM findings f "
+    rows = await pool.fetch("SELECT " + select_list(FINDING_FIELDS) + " FROM findings f "
                             "WHERE f.fingerprint = ANY($1::bytea[]) ORDER BY f.detected_at, f.id",
                             list(fingerprints))
     return [finding_body(r) for r in rows]
@@ -121,7 +100,7 @@ _SESSION_DETAIL = """
            u.verifications, u.created_at, u.usage::text AS usage, s.block_hash, s.confirmed_at
     FROM upto_sessions u LEFT JOIN settlements s ON s.id = u.settlement_id WHERE u.id = $1"""
 # A finding concerns a session through its column, or (duplicates) through its evidence.
-_SESSION_FINDINGS = ("SELECT " + _select(FINDING_FIELDS) + " FROM findings f "
+_SESSION_FINDINGS = ("SELECT " + select_list(FINDING_FIELDS) + " FROM findings f "
                      "WHERE f.session_id = $1 "
                      "OR f.evidence -> 'sessionIds' @> to_jsonb($1::bigint) "
                      "ORDER BY f.detected_at, f.id")
@@ -131,8 +110,7 @@ async def session_detail(pool: asyncpg.Pool, session_id: int, og_chain_id: int |
                          ) -> dict[str, Any] | None:
     """One upto session: permit facts, payment, inferences with their on-chain records, and
     findings — all from one snapshot."""
-    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read",
-                                                        readonly=True):
+    async with queries.snapshot(pool) as conn:
         extra = await conn.fetchrow(_SESSION_DETAIL, session_id)
         if extra is None:
             return None
@@ -163,8 +141,7 @@ async def attestations_by_input(pool: asyncpg.Pool, tee_id: bytes, input_hash: b
                                 og_chain_id: int | None = None) -> list[dict[str, Any]]:
     """Every attestation of that TEE and input hash, with verification, session link and
     on-chain records."""
-    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read",
-                                                        readonly=True):
+    async with queries.snapshot(pool) as conn:
         rows = await conn.fetch(ATTESTATIONS_BY_INPUT, tee_id, input_hash)
         attestations = await load_attestations(conn, rows, og_chain_id)
         sessions = {s.id: s for s in await load_sessions(

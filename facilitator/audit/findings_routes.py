@@ -47,21 +47,15 @@ import asyncpg
 from aiohttp import web
 
 from facilitator.audit import findings_queries as store
-from facilitator.audit.findings_queries import FINDING_FIELD_NAMES, FINDING_KEY, FindingFilters
 from facilitator.audit import queries
+from facilitator.audit.findings_queries import FINDING_FIELD_NAMES, FINDING_KEY, FindingFilters
 from facilitator.audit.formats import CsvEncoder, JsonLinesEncoder
 from facilitator.audit.queries import Page
-from facilitator.audit.routes import (
-    AUDIT_KEY,
-    DEFAULT_MAX_CONCURRENT_EXPORTS,
-    AuditContext,
-    _ok,
-    stream_export,
-)
+from facilitator.audit.routes import AUDIT_KEY, AuditContext, no_store_json, stream_export
 from facilitator.audit.tokens import READ_ROLES, require_role
 from facilitator.core.crosscheck import KINDS
-from facilitator.http.app import bad_request, json_response
-from facilitator.protocol.fields import BadRequest, hex_bytes
+from facilitator.http.app import json_response
+from facilitator.protocol.fields import BadRequest
 
 FINDING_FILTERS = ("kind", "session", "tee", "from", "to", "linked")
 _POSITIVE = re.compile(r"[1-9][0-9]{0,18}", re.ASCII)
@@ -69,9 +63,12 @@ _POSITIVE = re.compile(r"[1-9][0-9]{0,18}", re.ASCII)
 
 @dataclass
 class FindingsContext:
-    pool: asyncpg.Pool
     og_chain_id: int | None
-    exports: AuditContext  # shared with the settlements export: one limit on held connections
+    audit: AuditContext  # the settlements API's: its pool and its limit on held connections
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return self.audit.pool
 
 
 FINDINGS_KEY: web.AppKey[FindingsContext] = web.AppKey("findings", FindingsContext)
@@ -79,10 +76,13 @@ FINDINGS_KEY: web.AppKey[FindingsContext] = web.AppKey("findings", FindingsConte
 
 def add_findings_routes(app: web.Application, pool: asyncpg.Pool, *,
                         og_chain_id: int | None = None) -> None:
-    """Register the cross-check endpoints. Call after `add_audit_routes` (which installs the
-    tokens); `og_chain_id` limits on-chain records to the configured OpenGradient chain."""
-    exports = app.get(AUDIT_KEY) or AuditContext(pool, DEFAULT_MAX_CONCURRENT_EXPORTS)
-    app[FINDINGS_KEY] = FindingsContext(pool, og_chain_id, exports)
+    """Register the cross-check endpoints. Call after `add_audit_routes`, which installs the
+    tokens and the export limit these endpoints share (and must be given the same `pool`);
+    `og_chain_id` limits on-chain records to the configured OpenGradient chain."""
+    audit = app[AUDIT_KEY]
+    if audit.pool is not pool:
+        raise ValueError("add_findings_routes: use the pool given to add_audit_routes")
+    app[FINDINGS_KEY] = FindingsContext(og_chain_id, audit)
     app.router.add_get("/v1/findings", list_findings)
     app.router.add_get("/v1/findings/export", export_findings, allow_head=False)
     app.router.add_get("/v1/sessions/{id}", session_detail)
@@ -92,16 +92,13 @@ def add_findings_routes(app: web.Application, pool: asyncpg.Pool, *,
 # -- parsing -------------------------------------------------------------------------------------
 
 def parse_finding_list(params: Mapping[str, str]) -> tuple[FindingFilters, Page]:
-    values = queries._single_values(params, FINDING_FILTERS + queries.PAGE_PARAMS)  # noqa: SLF001
-    return _filters(values), queries._page(values, "findings", FINDING_KEY)  # noqa: SLF001
+    values = queries.single_values(params, FINDING_FILTERS + queries.PAGE_PARAMS)
+    return _filters(values), queries.parse_page(values, "findings", FINDING_KEY)
 
 
 def parse_finding_export(params: Mapping[str, str]) -> tuple[FindingFilters, str, str]:
     """(filters, order, format)."""
-    values = queries._single_values(params, FINDING_FILTERS + ("order", "format"))  # noqa: SLF001
-    fmt = queries._choice(values, "format", queries.EXPORT_FORMATS, None)  # noqa: SLF001
-    order = queries._choice(values, "order", queries.ORDERS, "asc")  # noqa: SLF001
-    return _filters(values), order, fmt
+    return queries.parse_export_params(params, FINDING_FILTERS, _filters)
 
 
 def parse_session_id(value: str, name: str = "id") -> int:
@@ -110,42 +107,23 @@ def parse_session_id(value: str, name: str = "id") -> int:
     return int(value)
 
 
-def parse_hash(value: str, name: str) -> bytes:
-    if not re.fullmatch(r"0x[0-9a-fA-F]{64}", value, re.ASCII):
-        raise BadRequest(name, "must be 0x followed by 64 hex digits")
-    return hex_bytes(value, name, length=32)
-
-
 def _filters(values: Mapping[str, str]) -> FindingFilters:
     filters = FindingFilters(
-        kinds=_kinds(values["kind"]) if "kind" in values else (),
+        kinds=queries.one_of_list(values["kind"], "kind", KINDS) if "kind" in values else (),
         session_id=parse_session_id(values["session"], "session") if "session" in values
         else None,
-        tee_id=parse_hash(values["tee"], "tee") if "tee" in values else None,
-        since=queries._timestamp(values["from"], "from") if "from" in values else None,  # noqa
-        until=queries._timestamp(values["to"], "to") if "to" in values else None,  # noqa
+        tee_id=queries.hash32(values["tee"], "tee") if "tee" in values else None,
+        since=queries.parse_timestamp(values["from"], "from") if "from" in values else None,
+        until=queries.parse_timestamp(values["to"], "to") if "to" in values else None,
         linked=_boolean(values["linked"], "linked") if "linked" in values else None)
-    if filters.since and filters.until and filters.until <= filters.since:
-        raise BadRequest("to", "must be later than from")
+    queries.check_window(filters.since, filters.until)
     return filters
-
-
-def _kinds(value: str) -> tuple[str, ...]:
-    kinds = value.split(",")
-    if any(k not in KINDS for k in kinds):
-        raise BadRequest("kind", f"must be one or more of {', '.join(KINDS)}, comma-separated")
-    return tuple(sorted(set(kinds)))
 
 
 def _boolean(value: str, name: str) -> bool:
     if value not in ("true", "false"):
         raise BadRequest(name, "must be true or false")
     return value == "true"
-
-
-def _no_query(request: web.Request) -> None:
-    if request.query:
-        raise BadRequest(next(iter(request.query))[:64], "is not a parameter of this endpoint")
 
 
 # -- handlers ------------------------------------------------------------------------------------
@@ -156,55 +134,43 @@ def _context(request: web.Request) -> FindingsContext:
 
 @require_role(*READ_ROLES)
 async def list_findings(request: web.Request) -> web.Response:
-    try:
-        filters, page = parse_finding_list(request.query)
-    except BadRequest as exc:
-        return bad_request(exc.field, exc.message)
-    return _ok(await store.list_findings(_context(request).pool, filters, page))
+    filters, page = parse_finding_list(request.query)
+    return no_store_json(await store.list_findings(_context(request).pool, filters, page))
 
 
 @require_role(*READ_ROLES)
 async def session_detail(request: web.Request) -> web.Response:
-    try:
-        _no_query(request)
-        session_id = parse_session_id(request.match_info["id"])
-    except BadRequest as exc:
-        return bad_request(exc.field, exc.message)
+    queries.no_query(request.query)
+    session_id = parse_session_id(request.match_info["id"])
     context = _context(request)
     found = await store.session_detail(context.pool, session_id, context.og_chain_id)
     if found is None:
         return json_response({"error": "not_found", "message": f"no session {session_id}"}, 404)
-    return _ok(found)
+    return no_store_json(found)
 
 
 @require_role(*READ_ROLES)
 async def attestation_detail(request: web.Request) -> web.Response:
-    try:
-        _no_query(request)
-        tee_id = parse_hash(request.match_info["tee_id"], "tee_id")
-        input_hash = parse_hash(request.match_info["input_hash"], "input_hash")
-    except BadRequest as exc:
-        return bad_request(exc.field, exc.message)
+    queries.no_query(request.query)
+    tee_id = queries.hash32(request.match_info["tee_id"], "tee_id")
+    input_hash = queries.hash32(request.match_info["input_hash"], "input_hash")
     context = _context(request)
     found = await store.attestations_by_input(context.pool, tee_id, input_hash,
                                               context.og_chain_id)
     if not found:
         return json_response({"error": "not_found", "message": "no attestation of that TEE "
                               "and input hash"}, 404)
-    return _ok({"teeId": "0x" + tee_id.hex(), "inputHash": "0x" + input_hash.hex(),
-                "attestations": found})
+    return no_store_json({"teeId": "0x" + tee_id.hex(), "inputHash": "0x" + input_hash.hex(),
+                          "attestations": found})
 
 
 @require_role(*READ_ROLES)
 async def export_findings(request: web.Request) -> web.StreamResponse:
-    try:
-        filters, order, fmt = parse_finding_export(request.query)
-    except BadRequest as exc:
-        return bad_request(exc.field, exc.message)
+    filters, order, fmt = parse_finding_export(request.query)
     encode = FindingsCsv() if fmt == "csv" else FindingsJsonLines()
-    batches = store.open_findings_export(_context(request).pool, filters, order)
-    return await stream_export(request, _context(request).exports, batches, encode, fmt,
-                               "findings")
+    context = _context(request)
+    batches = store.open_findings_export(context.pool, filters, order)
+    return await stream_export(request, context.audit, batches, encode, fmt, "findings")
 
 
 class FindingsCsv(CsvEncoder):

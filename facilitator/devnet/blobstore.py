@@ -28,7 +28,9 @@ from pathlib import Path
 from aiohttp import web
 
 DEFAULT_MAX_BLOB_BYTES = 16 * 1024 * 1024
+MAX_EPOCHS = 1000
 BLOB_ID = re.compile(r"[A-Za-z0-9_-]{43}")
+_EPOCHS = re.compile(r"[1-9][0-9]{0,3}", re.ASCII)  # ASCII digits, bounded length, then int()
 _DIRECTORY_KEY = web.AppKey("directory", Path)
 _MAX_KEY = web.AppKey("max_blob_bytes", int)
 _LOCK_KEY = web.AppKey("lock", asyncio.Lock)
@@ -54,8 +56,9 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 async def _put(request: web.Request) -> web.Response:
     epochs = request.query.get("epochs")
-    if epochs is not None and not (epochs.isdigit() and 0 < int(epochs) <= 1000):
-        return web.json_response({"error": "epochs must be an integer in 1..1000"}, status=400)
+    if epochs is not None and not (_EPOCHS.fullmatch(epochs) and int(epochs) <= MAX_EPOCHS):
+        return web.json_response({"error": f"epochs must be an integer in 1..{MAX_EPOCHS}"},
+                                 status=400)
     limit = request.app[_MAX_KEY]
     if request.content_length is not None and request.content_length > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)

@@ -38,15 +38,19 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from eth_abi import decode as abi_decode
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
-from eth_utils import to_checksum_address
-from web3 import AsyncHTTPProvider, AsyncWeb3
-from web3.contract import AsyncContract
-from eth_abi import decode as abi_decode
-from eth_utils import keccak
+from eth_utils import keccak, to_checksum_address
+from web3 import AsyncHTTPProvider, AsyncWeb3, Web3
+from web3.contract import AsyncContract, Contract
 from web3.exceptions import ContractCustomError, ContractLogicError, TimeExhausted
 from web3.types import TxParams, TxReceipt
+
+from facilitator.core import permit2 as core_permit2
+from facilitator.core.attestation import tee_id_of
+from facilitator.core.ecdsa import sign_digest
+from facilitator.protocol.permit2 import PermitWitnessTransfer, UptoWitness
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS_DIR = REPO_ROOT / "contracts" / "artifacts"
@@ -108,6 +112,22 @@ async def connect(rpc_url: str) -> AsyncIterator[AsyncWeb3]:
 def contract_at(w3: AsyncWeb3, artifact: Artifact, address: str) -> AsyncContract:
     """A web3 contract object for `artifact`'s ABI at `address` (no I/O)."""
     return w3.eth.contract(address=to_checksum_address(address), abi=artifact.abi)
+
+
+_ENCODER = Web3()  # no provider is ever used: only for ABI encoding
+
+
+def _encoder(artifact: Artifact) -> Contract:
+    return _ENCODER.eth.contract(abi=artifact.abi)
+
+
+async def call(rpc_url: str, key: str, contract: str, address: str, function: str,
+               args: list[Any], what: str | None = None) -> str:
+    """Send `contract.function(*args)` at `address` from `key`'s account (encoded locally, one
+    connection); returns the transaction hash of the successful receipt."""
+    data = _encoder(await _artifact(contract)).encode_abi(function, args)
+    receipt = await transact(rpc_url, key, address, data, what=what or f"{contract}.{function}")
+    return receipt["transactionHash"].to_0x_hex()
 
 
 # Per event loop, per (node, sender): held from nonce lookup until the node accepted the tx.
@@ -190,45 +210,47 @@ async def place_at(rpc_url: str, name: str, address: str) -> None:
         raise ContractsError(f"code at {target} is not {name} after anvil_setCode")
 
 
-async def _initialize_usdc(w3: AsyncWeb3, rpc_url: str, account: LocalAccount, token: str, *,
-                           name: str, symbol: str, version: str, decimals: int) -> None:
-    await _initialize_token(w3, rpc_url, account, token, "TestUSDC", name=name, symbol=symbol,
-                            version=version, decimals=decimals)
-
-
-async def _initialize_token(w3: AsyncWeb3, rpc_url: str, account: LocalAccount, token: str,
-                            contract: str, *, name: str, symbol: str, version: str,
-                            decimals: int) -> None:
+async def _initialize_token(rpc_url: str, owner_key: str, token: str, contract: str, *,
+                            name: str, symbol: str, version: str, decimals: int) -> None:
     """`initialize(name, symbol, version, decimals, owner)` of TestUSDC / OPGToken, idempotent
     for the same configuration."""
-    usdc = contract_at(w3, await _artifact(contract), token)
-    if await usdc.functions.initialized().call():
-        # Idempotent for the same configuration (e.g. a devnet restarted from saved state).
-        actual = (await usdc.functions.name().call(), await usdc.functions.symbol().call(),
-                  await usdc.functions.version().call(), await usdc.functions.decimals().call(),
-                  await usdc.functions.owner().call())
-        wanted = (name, symbol, version, decimals, account.address)
-        if actual != wanted:
-            raise ContractsError(f"{contract} at {token} already initialized as {actual}, "
-                                 f"not {wanted}")
-        return
-    data = usdc.encode_abi("initialize", [name, symbol, version, decimals, account.address])
-    await _send(w3, rpc_url, account, {"to": usdc.address, "data": data},
-                f"{contract}.initialize at {token}")
+    owner = Account.from_key(owner_key).address
+    async with connect(rpc_url) as w3:
+        deployed = contract_at(w3, await _artifact(contract), token)
+        if await deployed.functions.initialized().call():
+            # Idempotent for the same configuration (e.g. a devnet restarted from saved state).
+            actual = (await deployed.functions.name().call(),
+                      await deployed.functions.symbol().call(),
+                      await deployed.functions.version().call(),
+                      await deployed.functions.decimals().call(),
+                      await deployed.functions.owner().call())
+            wanted = (name, symbol, version, decimals, owner)
+            if actual != wanted:
+                raise ContractsError(f"{contract} at {token} already initialized as {actual}, "
+                                     f"not {wanted}")
+            return
+    await call(rpc_url, owner_key, contract, token, "initialize",
+               [name, symbol, version, decimals, owner],
+               f"{contract}.initialize at {token}")
+
+
+async def _install_token(rpc_url: str, owner_key: str, contract: str, address: str, *,
+                         name: str, symbol: str, version: str, decimals: int) -> str:
+    """Place `contract` (TestUSDC or OPGToken) at `address` and initialize it with
+    `owner_key`'s account as owner/minter. Idempotent when already initialized identically."""
+    token = to_checksum_address(address)
+    await place_at(rpc_url, contract, token)
+    await _initialize_token(rpc_url, owner_key, token, contract, name=name, symbol=symbol,
+                            version=version, decimals=decimals)
+    return token
 
 
 async def install_usdc(rpc_url: str, owner_key: str, address: str = CANONICAL_USDC,
                        name: str = USDC_NAME, version: str = USDC_VERSION,
                        decimals: int = USDC_DECIMALS, *, symbol: str = USDC_SYMBOL) -> str:
-    """Place TestUSDC at `address` (default: canonical Base Sepolia USDC) and initialize it with
-    `owner_key`'s account as owner/minter. Idempotent when already initialized identically."""
-    account = Account.from_key(owner_key)
-    token = to_checksum_address(address)
-    await place_at(rpc_url, "TestUSDC", token)
-    async with connect(rpc_url) as w3:
-        await _initialize_usdc(w3, rpc_url, account, token, name=name, symbol=symbol,
-                               version=version, decimals=decimals)
-    return token
+    """TestUSDC at `address` (default: canonical Base Sepolia USDC); see `_install_token`."""
+    return await _install_token(rpc_url, owner_key, "TestUSDC", address, name=name,
+                                symbol=symbol, version=version, decimals=decimals)
 
 
 async def deploy_usdc(rpc_url: str, deployer_key: str, *, name: str = USDC_NAME,
@@ -237,21 +259,16 @@ async def deploy_usdc(rpc_url: str, deployer_key: str, *, name: str = USDC_NAME,
     """Deploy a fresh TestUSDC at a new address and initialize it (owner = deployer); for tests
     that need a second token (asset substitution, other EIP-712 domains)."""
     token = await deploy(rpc_url, deployer_key, "TestUSDC")
-    account = Account.from_key(deployer_key)
-    async with connect(rpc_url) as w3:
-        await _initialize_usdc(w3, rpc_url, account, token, name=name, symbol=symbol,
-                               version=version, decimals=decimals)
+    await _initialize_token(rpc_url, deployer_key, token, "TestUSDC", name=name, symbol=symbol,
+                            version=version, decimals=decimals)
     return token
 
 
 async def mint(rpc_url: str, owner_key: str, token: str, to: str, amount: int) -> str:
     """Mint `amount` atomic units of `token` to `to`; returns the tx hash. Works for every token
     here with `mint(address,uint256)` (TestUSDC, OPGToken)."""
-    async with connect(rpc_url) as w3:
-        usdc = contract_at(w3, await _artifact("TestUSDC"), token)
-        data = usdc.encode_abi("mint", [to_checksum_address(to), amount])
-    receipt = await transact(rpc_url, owner_key, token, data, what=f"mint on {token}")
-    return receipt["transactionHash"].to_0x_hex()
+    return await call(rpc_url, owner_key, "TestUSDC", token, "mint",
+                      [to_checksum_address(to), amount], f"mint on {token}")
 
 
 async def deploy_smart_wallet(rpc_url: str, deployer_key: str, owner_address: str) -> str:
@@ -262,11 +279,8 @@ async def deploy_smart_wallet(rpc_url: str, deployer_key: str, owner_address: st
 async def wallet_execute(rpc_url: str, owner_key: str, wallet: str, target: str,
                          data: bytes | str, *, value: int = 0) -> str:
     """Make SmartWallet `wallet` call `target` with `data` (sent by its owner); returns tx hash."""
-    async with connect(rpc_url) as w3:
-        sw = contract_at(w3, await _artifact("SmartWallet"), wallet)
-        calldata = sw.encode_abi("execute", [to_checksum_address(target), value, data])
-    receipt = await transact(rpc_url, owner_key, wallet, calldata, what="SmartWallet.execute")
-    return receipt["transactionHash"].to_0x_hex()
+    return await call(rpc_url, owner_key, "SmartWallet", wallet, "execute",
+                      [to_checksum_address(target), value, data])
 
 
 def authorization_typed_data(*, token: str, chain_id: int, from_: str, to: str, value: int,
@@ -381,9 +395,10 @@ OPG_SYMBOL = "OPG"
 OPG_VERSION = "2"
 OPG_DECIMALS = 18
 
-# Canonical Uniswap Permit2 and the x402 upto proxy (x402 SDK constants.py).
-PERMIT2_ADDRESS = "0x000000000022D473030F116dDEE9F6B43aC78BA3"
-UPTO_PROXY_ADDRESS = "0x4020A4f3b7b90ccA423B9fabCc0CE57C6C240002"
+# Canonical Uniswap Permit2 and the x402 upto proxy (x402 SDK constants.py), as the
+# facilitator's core knows them.
+PERMIT2_ADDRESS = to_checksum_address(core_permit2.PERMIT2_ADDRESS)
+UPTO_PROXY_ADDRESS = to_checksum_address(core_permit2.UPTO_PROXY_ADDRESS)
 MAX_UINT256 = 2**256 - 1
 
 # What Permit2 hashes for a witness transfer: its stub + the proxy's witness type string.
@@ -398,15 +413,9 @@ UPTO_WITNESS_TYPE_STRING = (
 async def install_opg(rpc_url: str, owner_key: str, address: str = CANONICAL_OPG, *,
                       name: str = OPG_NAME, symbol: str = OPG_SYMBOL, version: str = OPG_VERSION,
                       decimals: int = OPG_DECIMALS) -> str:
-    """Place OPGToken at `address` (default: OPG's Base Sepolia address) and initialize it with
-    `owner_key`'s account as owner/minter. Idempotent when already initialized identically."""
-    account = Account.from_key(owner_key)
-    token = to_checksum_address(address)
-    await place_at(rpc_url, "OPGToken", token)
-    async with connect(rpc_url) as w3:
-        await _initialize_token(w3, rpc_url, account, token, "OPGToken", name=name,
+    """OPGToken at `address` (default: OPG's Base Sepolia address); see `_install_token`."""
+    return await _install_token(rpc_url, owner_key, "OPGToken", address, name=name,
                                 symbol=symbol, version=version, decimals=decimals)
-    return token
 
 
 async def install_permit2(rpc_url: str, address: str = PERMIT2_ADDRESS) -> str:
@@ -428,11 +437,8 @@ async def install_upto_proxy(rpc_url: str, address: str = UPTO_PROXY_ADDRESS) ->
 async def approve_permit2(rpc_url: str, payer_key: str, token: str,
                           amount: int = MAX_UINT256, *, permit2: str = PERMIT2_ADDRESS) -> str:
     """The payer's one-time ERC-20 `approve(Permit2, amount)` on `token`; returns the tx hash."""
-    async with connect(rpc_url) as w3:
-        erc20 = contract_at(w3, await _artifact("OPGToken"), token)
-        data = erc20.encode_abi("approve", [to_checksum_address(permit2), amount])
-    receipt = await transact(rpc_url, payer_key, token, data, what=f"approve Permit2 on {token}")
-    return receipt["transactionHash"].to_0x_hex()
+    return await call(rpc_url, payer_key, "OPGToken", token, "approve",
+                      [to_checksum_address(permit2), amount], f"approve Permit2 on {token}")
 
 
 _PERMIT2_DOMAIN_FIELDS = [{"name": "name", "type": "string"},
@@ -530,6 +536,18 @@ class UptoPermit:
     facilitator: str
     valid_after: int
     signature: bytes
+    spender: str = UPTO_PROXY_ADDRESS
+
+    def payload(self) -> dict[str, Any]:
+        """The x402 `upto` payment payload `{signature, permit2Authorization}` of this permit."""
+        return {"signature": "0x" + self.signature.hex(),
+                "permit2Authorization": {
+                    "from": self.owner,
+                    "permitted": {"token": self.token, "amount": str(self.cap)},
+                    "spender": self.spender, "nonce": str(self.nonce),
+                    "deadline": str(self.deadline),
+                    "witness": {"to": self.to, "facilitator": self.facilitator,
+                                "validAfter": str(self.valid_after)}}}
 
     def settle_args(self, amount: int, *, signature: bytes | None = None) -> list[Any]:
         """Arguments of proxy `settle(permit, amount, owner, witness, signature)`."""
@@ -541,28 +559,28 @@ class UptoPermit:
 def sign_upto_permit(signer_key: str, *, chain_id: int, token: str, cap: int, nonce: int,
                      deadline: int, to: str, facilitator: str, valid_after: int = 0,
                      owner: str | None = None, spender: str = UPTO_PROXY_ADDRESS) -> UptoPermit:
-    """Sign an `upto` permit with `signer_key` (EOA). `owner` defaults to the signer; pass the
-    wallet address when the key is an ERC-1271 SmartWallet's owner."""
-    typed = upto_permit_typed_data(chain_id=chain_id, token=token, amount=cap, nonce=nonce,
-                                   deadline=deadline, to=to, facilitator=facilitator,
-                                   valid_after=valid_after, spender=spender)
-    signed = Account.sign_typed_data(signer_key, full_message=typed)
+    """Sign an `upto` permit with `signer_key` (EOA) over the digest the facilitator checks
+    (`facilitator.core.permit2.permit_digest`, canonical Permit2). `owner` defaults to the
+    signer; pass the wallet address when the key is an ERC-1271 SmartWallet's owner."""
+    owner = to_checksum_address(owner or Account.from_key(signer_key).address)
+    permit = PermitWitnessTransfer(
+        owner=owner.lower(), token=token.lower(), cap=cap, spender=spender.lower(), nonce=nonce,
+        deadline=deadline, witness=UptoWitness(to=to.lower(), facilitator=facilitator.lower(),
+                                               valid_after=valid_after))
+    digest = core_permit2.permit_digest(chain_id, permit)
+    signature = sign_digest(bytes.fromhex(signer_key.removeprefix("0x")), digest)
     return UptoPermit(
-        owner=to_checksum_address(owner or Account.from_key(signer_key).address),
-        token=to_checksum_address(token), cap=cap, nonce=nonce, deadline=deadline,
+        owner=owner, token=to_checksum_address(token), cap=cap, nonce=nonce, deadline=deadline,
         to=to_checksum_address(to), facilitator=to_checksum_address(facilitator),
-        valid_after=valid_after, signature=bytes(signed.signature))
+        valid_after=valid_after, signature=signature, spender=to_checksum_address(spender))
 
 
 async def upto_settle(rpc_url: str, facilitator_key: str, permit: UptoPermit, amount: int, *,
                       proxy: str = UPTO_PROXY_ADDRESS) -> str:
     """The facilitator's `proxy.settle(...)` for `amount` (≤ permit.cap); returns the tx hash.
     Raises ContractsError naming the proxy/Permit2 custom error when it would revert."""
-    async with connect(rpc_url) as w3:
-        contract = contract_at(w3, await _artifact("X402UptoPermit2Proxy"), proxy)
-        data = contract.encode_abi("settle", permit.settle_args(amount))
-    receipt = await transact(rpc_url, facilitator_key, proxy, data, what="upto proxy settle")
-    return receipt["transactionHash"].to_0x_hex()
+    return await call(rpc_url, facilitator_key, "X402UptoPermit2Proxy", proxy, "settle",
+                      permit.settle_args(amount), "upto proxy settle")
 
 
 # ---- the OpenGradient chain (id 10740): TEERegistry and InferenceSettlementRelay ----
@@ -579,19 +597,10 @@ async def deploy_tee_registry(rpc_url: str, deployer_key: str) -> str:
     return await deploy(rpc_url, deployer_key, "TEERegistry")
 
 
-async def _role_tx(rpc_url: str, key: str, contract_name: str, address: str, function: str,
-                   role: bytes, account: str) -> str:
-    async with connect(rpc_url) as w3:
-        contract = contract_at(w3, await _artifact(contract_name), address)
-        data = contract.encode_abi(function, [role, to_checksum_address(account)])
-    receipt = await transact(rpc_url, key, address, data, what=f"{contract_name}.{function}")
-    return receipt["transactionHash"].to_0x_hex()
-
-
 async def add_tee_operator(rpc_url: str, admin_key: str, registry: str, operator: str) -> str:
     """Grant TEE_OPERATOR on `registry` to `operator` (admin only); returns the tx hash."""
-    return await _role_tx(rpc_url, admin_key, "TEERegistry", registry, "grantRole",
-                          TEE_OPERATOR_ROLE, operator)
+    return await call(rpc_url, admin_key, "TEERegistry", registry, "grantRole",
+                      [TEE_OPERATOR_ROLE, to_checksum_address(operator)])
 
 
 async def register_tee(rpc_url: str, operator_key: str, registry: str, public_key_der: bytes, *,
@@ -600,13 +609,10 @@ async def register_tee(rpc_url: str, operator_key: str, registry: str, public_ke
                        pcr_hash: bytes = b"\x00" * 32) -> str:
     """Register an enabled TEE (owner = the operator) whose signing key is `public_key_der`, an RSA
     SubjectPublicKeyInfo in DER; returns the tee id `0x` + keccak256(DER) hex."""
-    async with connect(rpc_url) as w3:
-        contract = contract_at(w3, await _artifact("TEERegistry"), registry)
-        data = contract.encode_abi("registerTEE", [
-            bytes(public_key_der), bytes(tls_certificate), to_checksum_address(payment_address),
-            endpoint, tee_type, bytes(pcr_hash)])
-    await transact(rpc_url, operator_key, registry, data, what="TEERegistry.registerTEE")
-    return "0x" + keccak(bytes(public_key_der)).hex()
+    await call(rpc_url, operator_key, "TEERegistry", registry, "registerTEE", [
+        bytes(public_key_der), bytes(tls_certificate), to_checksum_address(payment_address),
+        endpoint, tee_type, bytes(pcr_hash)])
+    return "0x" + tee_id_of(bytes(public_key_der)).hex()
 
 
 async def set_tee_enabled(rpc_url: str, key: str, registry: str, tee_id: bytes | str,
@@ -618,10 +624,8 @@ async def set_tee_enabled(rpc_url: str, key: str, registry: str, tee_id: bytes |
         contract = contract_at(w3, await _artifact("TEERegistry"), registry)
         if await contract.functions.isTEEEnabled(tee).call() == enabled:
             return None
-        function = "enableTEE" if enabled else "disableTEE"
-        data = contract.encode_abi(function, [tee])
-    receipt = await transact(rpc_url, key, registry, data, what=f"TEERegistry.{function}")
-    return receipt["transactionHash"].to_0x_hex()
+    return await call(rpc_url, key, "TEERegistry", registry,
+                      "enableTEE" if enabled else "disableTEE", [tee])
 
 
 async def deploy_settlement_relay(rpc_url: str, deployer_key: str,
@@ -635,5 +639,5 @@ async def deploy_settlement_relay(rpc_url: str, deployer_key: str,
 
 async def add_relayer(rpc_url: str, admin_key: str, relay: str, relayer: str) -> str:
     """Grant SETTLEMENT_RELAY_ROLE on `relay` to `relayer` (admin only); returns the tx hash."""
-    return await _role_tx(rpc_url, admin_key, "InferenceSettlementRelay", relay, "grantRole",
-                          SETTLEMENT_RELAY_ROLE, relayer)
+    return await call(rpc_url, admin_key, "InferenceSettlementRelay", relay, "grantRole",
+                      [SETTLEMENT_RELAY_ROLE, to_checksum_address(relayer)])

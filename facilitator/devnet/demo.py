@@ -131,27 +131,17 @@ class UptoPayer:
             return resp.status, answer, dict(resp.headers)
 
 
-def sign_upto_payload(key: str, requirement: dict[str, Any], *, now: int | None = None,
-                      nonce: int | None = None) -> dict[str, Any]:
+def sign_upto_payload(key: str, requirement: dict[str, Any]) -> dict[str, Any]:
     """The `{signature, permit2Authorization}` of an x402 upto payment for `requirement`."""
-    now = int(time.time()) if now is None else now
-    nonce = int.from_bytes(os.urandom(32), "big") if nonce is None else nonce
-    cap = int(requirement["amount"])
-    deadline = now + int(requirement.get("maxTimeoutSeconds") or 300)
-    valid_after = now - VALID_AFTER_SKEW_S
-    chain_id = int(str(requirement["network"]).split(":", 1)[1])
+    now = int(time.time())
     permit = contracts.sign_upto_permit(
-        key, chain_id=chain_id, token=requirement["asset"], cap=cap, nonce=nonce,
-        deadline=deadline, to=requirement["payTo"],
-        facilitator=requirement["extra"]["facilitatorAddress"], valid_after=valid_after)
-    return {"signature": "0x" + permit.signature.hex(),
-            "permit2Authorization": {
-                "from": permit.owner,
-                "permitted": {"token": permit.token, "amount": str(cap)},
-                "spender": contracts.UPTO_PROXY_ADDRESS, "nonce": str(nonce),
-                "deadline": str(deadline),
-                "witness": {"to": permit.to, "facilitator": permit.facilitator,
-                            "validAfter": str(valid_after)}}}
+        key, chain_id=int(str(requirement["network"]).split(":", 1)[1]),
+        token=requirement["asset"], cap=int(requirement["amount"]),
+        nonce=int.from_bytes(os.urandom(32), "big"),
+        deadline=now + int(requirement.get("maxTimeoutSeconds") or 300),
+        to=requirement["payTo"], facilitator=requirement["extra"]["facilitatorAddress"],
+        valid_after=now - VALID_AFTER_SKEW_S)
+    return permit.payload()
 
 
 def verify_response(request: dict[str, Any], response: Any, key: att.TeePublicKey) -> str | None:
@@ -191,9 +181,9 @@ async def fetch_signing_key(http: aiohttp.ClientSession, gateway_url: str) -> at
     return key
 
 
-def demo_request(i: int, model: str = DEFAULT_MODEL) -> dict[str, Any]:
+def demo_request(i: int) -> dict[str, Any]:
     """Request `i` of the demo: mostly questions, every seventh one offering a tool."""
-    body: dict[str, Any] = {"model": model, "temperature": 0, "max_tokens": 64,
+    body: dict[str, Any] = {"model": DEFAULT_MODEL, "temperature": 0, "max_tokens": 64,
                             "messages": [{"role": "system", "content": "Answer briefly."},
                                          {"role": "user",
                                           "content": f"Demo request {i + 1}: what is {i} + {i}?"}]}
@@ -239,18 +229,17 @@ def load_manifest(path: Path | str | None = None) -> dict[str, Any]:
 
 
 async def run_demo(*, manifest: dict[str, Any] | None = None, gateway_url: str | None = None,
-                   payer_key: str | None = None, payer_index: int = 0, requests: int = 20,
+                   payer_index: int = 0, requests: int = 20,
                    settlement_type: str | None = None,
                    out: Callable[[str], None] | None = print) -> DemoSummary:
-    """Send `requests` paid chat requests; returns (and prints through `out`) a summary."""
-    if gateway_url is None or payer_key is None:
-        manifest = manifest if manifest is not None else load_manifest()
-        gateway_url = gateway_url or manifest["gateway"]["url"]
-        if payer_key is None:
-            payers = manifest["payers"]
-            if not 0 <= payer_index < len(payers):
-                raise DemoError(f"payer index {payer_index} out of range 0..{len(payers) - 1}")
-            payer_key = payers[payer_index]["privateKey"]
+    """Send `requests` paid chat requests from the manifest's payer `payer_index`; returns (and
+    prints through `out`) a summary."""
+    manifest = manifest if manifest is not None else load_manifest()
+    gateway_url = gateway_url or manifest["gateway"]["url"]
+    payers = manifest["payers"]
+    if not 0 <= payer_index < len(payers):
+        raise DemoError(f"payer index {payer_index} out of range 0..{len(payers) - 1}")
+    payer_key = payers[payer_index]["privateKey"]
     url = gateway_url.rstrip("/") + CHAT_PATH
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(timeout=timeout) as http:

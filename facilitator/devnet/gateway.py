@@ -31,8 +31,8 @@ x402 SDK). It behaves as OpenGradient's tee-gateway + og-x402 middleware do (not
   extensions). Mode from the client's `X-SETTLEMENT-TYPE` (normalised like og-x402; default
   `batch`). `individual` is posted before the response returns and the facilitator's job is
   echoed as `X-Settlement-*` headers (as og-x402 does); `batch` and `private` are posted in the
-  background (og-x402 never posts `private`; `post_private=False` restores that). Retries are
-  bounded; a failure is logged and recorded in `settle_data_posts`, never raised.
+  background (deviation: og-x402 never posts `private`). Retries are bounded; a failure is
+  logged and recorded in `settle_data_posts`, never raised.
 - The reaper settles a session when it is idle for `idle_timeout_s`, exhausted, or close to its
   permit deadline: `POST /settle` with the settle-time requirements (`amount` = the accumulated
   cost) and `usageMetadata`; synchronously, or with `settle_mode="async"` through
@@ -53,9 +53,11 @@ gateway misbehave in exactly one way):
   with room), and post its settlement data once per session: the same inference reported in two
   sessions.
 
-Guarantees: binds 127.0.0.1 only; request bodies are bounded; nothing blocking runs on the event
-loop (key generation runs in a worker thread); every retry, poll and wait is bounded; `stop()`
-cancels the reaper and waits for background posts (optionally settling every open session first).
+Guarantees: binds 127.0.0.1 only; request bodies are bounded; a malformed chat body is a 400
+`{"error"}` (never a 500: not JSON, a number too long to read, a text part or tool function of the
+wrong type); nothing blocking runs on the event loop (key generation runs in a worker thread);
+every retry, poll and wait is bounded; `stop()` cancels the reaper and waits for background posts
+(optionally settling every open session first).
 """
 
 from __future__ import annotations
@@ -70,7 +72,6 @@ import math
 import re
 import time
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from fractions import Fraction
@@ -92,6 +93,11 @@ NETWORK = "eip155:84532"
 DEFAULT_SESSION_CAP = 10**17  # 0.1 OPG: tee-gateway CHAT_COMPLETIONS_OPG_SESSION_MAX_SPEND
 DEFAULT_MAX_TIMEOUT_S = 300
 DEFAULT_IDLE_TIMEOUT_S = 100.0  # tee-gateway session_idle_timeout
+DEADLINE_MARGIN_S = 30.0  # a session is settled this long before its permit deadline
+SETTLE_POLL_TIMEOUT_S = 60.0  # async settle: how long a job is polled
+SETTLE_ATTEMPTS = 3  # /settle of a session (retried on settlement_pending or unavailable)
+SETTLE_DATA_ATTEMPTS = 3  # /settle_data (retried on transport errors and 5xx)
+SERVICE = "chat"  # usageMetadata.service
 OPG_USD = Fraction(1)  # Base Sepolia era: `_fetch_token_a_price_usd_mock`
 WEI_PER_OPG = 10**18
 MAX_BODY_BYTES = 1024 * 1024
@@ -299,12 +305,15 @@ class UptoSession:
 
 @dataclass
 class _Completion:
+    """One answer, computed once per request: what it costs and what is signed."""
+
     body: dict[str, Any]
-    canonical: dict[str, Any]
+    input_hash: bytes  # of the canonical request
     model: str
     settlement_type: str
     message: dict[str, Any]
     finish_reason: str
+    output_text: str  # what the TEE signs (og `response_content_for_hash`)
     prompt_tokens: int
     completion_tokens: int
     cost_opg: int
@@ -315,42 +324,24 @@ class TeeGateway:
     """The emulator: `await TeeGateway(facilitator_url, pay_to=...).start()`, then `url`."""
 
     def __init__(self, facilitator_url: str, *, pay_to: str, port: int = 0,
-                 signing_key: rsa.RSAPrivateKey | None = None,
-                 session_cap: int = DEFAULT_SESSION_CAP, network: str = NETWORK,
-                 asset: str = contracts.CANONICAL_OPG,
-                 max_timeout_s: int = DEFAULT_MAX_TIMEOUT_S,
-                 idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
-                 deadline_margin_s: float = 30.0, reap_interval_s: float | None = None,
-                 settle_mode: str = "sync", settle_poll_timeout_s: float = 60.0,
-                 settle_attempts: int = 3, settle_data_attempts: int = 3,
-                 settle_data_url: str | None = None, post_private: bool = True,
-                 facilitator_address: str | None = None,
-                 prices: Mapping[str, ModelPrice] | None = None,
-                 faults: GatewayFaults | None = None, service: str = "chat") -> None:
+                 idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S, settle_mode: str = "sync",
+                 settle_data_url: str | None = None, faults: GatewayFaults | None = None
+                 ) -> None:
         if settle_mode not in ("sync", "async"):
             raise ValueError("settle_mode must be 'sync' or 'async'")
         self.facilitator_url = facilitator_url.rstrip("/")
         self.settle_data_url = (settle_data_url or facilitator_url).rstrip("/")
         self.pay_to = to_checksum_address(pay_to)
         self.port = port
-        self.session_cap = session_cap
-        self.network = network
-        self.asset = to_checksum_address(asset)
-        self.max_timeout_s = max_timeout_s
+        self.session_cap = DEFAULT_SESSION_CAP  # tests lower it after construction
+        self.network = NETWORK
+        self.asset = to_checksum_address(contracts.CANONICAL_OPG)
         self.idle_timeout_s = idle_timeout_s
-        self.deadline_margin_s = deadline_margin_s
-        self.reap_interval_s = reap_interval_s if reap_interval_s is not None else \
-            max(0.05, min(idle_timeout_s / 4, 5.0))
+        self.reap_interval_s = max(0.05, min(idle_timeout_s / 4, 5.0))
         self.settle_mode = settle_mode
-        self.settle_poll_timeout_s = settle_poll_timeout_s
-        self.settle_attempts = settle_attempts
-        self.settle_data_attempts = settle_data_attempts
-        self.post_private = post_private
-        self.facilitator_address = facilitator_address
-        self.prices = dict(prices or MODEL_PRICES)
+        self.facilitator_address: str | None = None  # from the facilitator's /supported
         self.faults = faults or GatewayFaults()
-        self.service = service
-        self._signing_key = signing_key
+        self._signing_key: rsa.RSAPrivateKey | None = None
         self._forged_key: rsa.RSAPrivateKey | None = None
         self.public_key_der = b""
         self.tee_id = b""
@@ -386,16 +377,14 @@ class TeeGateway:
     # ---- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> Self:
-        if self._signing_key is None:
-            self._signing_key = await asyncio.to_thread(att.generate_private_key)
+        self._signing_key = await asyncio.to_thread(att.generate_private_key)
         if self.faults.forge_signatures:
             self._forged_key = await asyncio.to_thread(att.generate_private_key)
         self.public_key_der = att.public_key_der(self._signing_key)
         self.tee_id = att.tee_id_of(self.public_key_der)
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
         try:
-            if self.facilitator_address is None:
-                self.facilitator_address = await self._fetch_facilitator_address()
+            self.facilitator_address = await self._fetch_facilitator_address()
             app = web.Application(client_max_size=MAX_BODY_BYTES)
             app.router.add_get("/health", self._health)
             app.router.add_get("/signing-key", self._signing_key_route)
@@ -482,7 +471,7 @@ class TeeGateway:
         assert self.facilitator_address is not None
         return {"scheme": "upto", "network": self.network, "asset": self.asset,
                 "amount": str(self.session_cap), "payTo": self.pay_to,
-                "maxTimeoutSeconds": self.max_timeout_s,
+                "maxTimeoutSeconds": DEFAULT_MAX_TIMEOUT_S,
                 "extra": {"name": contracts.OPG_NAME, "version": contracts.OPG_VERSION,
                           "assetTransferMethod": "permit2",
                           "facilitatorAddress": self.facilitator_address}}
@@ -508,13 +497,16 @@ class TeeGateway:
 
     async def _chat(self, request: web.Request) -> web.Response:
         try:
-            body = json.loads(await request.read())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return web.json_response({"error": "request body is not JSON"}, status=400)
-        except RecursionError:
-            return web.json_response({"error": "request body nested too deeply"}, status=400)
+            raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
             return web.json_response({"error": "request body too large"}, status=413)
+        try:
+            body = json.loads(raw)
+        except RecursionError:
+            return web.json_response({"error": "request body nested too deeply"}, status=400)
+        except ValueError:  # not JSON, not UTF-8, or an integer too long for int()
+            return web.json_response({"error": "request body is not JSON (or holds a number "
+                                      "too long to read)"}, status=400)
         mode = normalize_settlement_type(request.headers.get(SETTLEMENT_TYPE_HEADER)) or "batch"
         try:
             completion = self._complete(body, mode)
@@ -523,24 +515,9 @@ class TeeGateway:
         session = await self._resolve_session(request)
         if isinstance(session, _Refusal):
             return session.response()
-        sessions: list[UptoSession] = []
-        if session is not None:
-            now = time.time()
-            if session.accumulated + completion.cost_opg > session.cap:
-                session.exhausted = True
-                self._wake.set()
-                return _EXHAUSTED.response()
-            sessions.append(session)
-            if self.faults.double_bill:
-                other = self._other_session(session, completion.cost_opg, now)
-                if other is not None:
-                    sessions.append(other)
-            for s in sessions:
-                s.charge(completion.cost_opg, completion.cost_usd, completion.prompt_tokens,
-                         completion.completion_tokens, completion.model, mode, now)
-                if s.accumulated >= s.cap:
-                    s.exhausted = True
-                    self._wake.set()
+        sessions = self._charge(session, completion) if session is not None else []
+        if sessions is None:
+            return _EXHAUSTED.response()
         response = self._attested_response(completion)
         self.served.append(ServedRequest(
             request_id=response["id"], session_ids=[s.id for s in sessions],
@@ -551,16 +528,45 @@ class TeeGateway:
         headers = _tee_headers(response)
         if session is not None:
             headers[SESSION_HEADER] = session.id
+        headers.update(await self._post_settlement_data(completion, response, sessions))
+        return web.json_response(response, headers=headers)
+
+    def _charge(self, session: UptoSession, completion: _Completion
+                ) -> list[UptoSession] | None:
+        """Charge the request to `session` (and, with `double_bill`, a second one); None when
+        it would take the session over its cap (the session is then exhausted)."""
+        now = time.time()
+        if session.accumulated + completion.cost_opg > session.cap:
+            session.exhausted = True
+            self._wake.set()
+            return None
+        sessions = [session]
+        if self.faults.double_bill:
+            other = self._other_session(session, completion.cost_opg, now)
+            if other is not None:
+                sessions.append(other)
+        for s in sessions:
+            s.charge(completion.cost_opg, completion.cost_usd, completion.prompt_tokens,
+                     completion.completion_tokens, completion.model, completion.settlement_type,
+                     now)
+            if s.accumulated >= s.cap:
+                s.exhausted = True
+                self._wake.set()
+        return sessions
+
+    async def _post_settlement_data(self, completion: _Completion, response: dict[str, Any],
+                                    sessions: list[UptoSession]) -> dict[str, str]:
+        """Post the request's settlement data; the `X-Settlement-*` headers to answer with."""
         posts = self._settlement_posts(completion, response, sessions)
-        if mode == "individual" and posts:
+        headers: dict[str, str] = {}
+        if completion.settlement_type == "individual" and posts:
             # og-x402 buffers individual responses and settles their data before answering.
-            first, *rest = posts
+            first, *posts = posts
             await self._post_settle_data(first)
-            headers.update(_settlement_job_headers(first.answer))
-            posts = rest
+            headers = _settlement_job_headers(first.answer)
         for post in posts:
             self._spawn(self._post_settle_data(post))
-        return web.json_response(response, headers=headers)
+        return headers
 
     # ---- sessions ------------------------------------------------------------------------------
 
@@ -658,9 +664,13 @@ class TeeGateway:
     # ---- the deterministic "model" and the attestation -----------------------------------------
 
     def _complete(self, body: Any, mode: str) -> _Completion:
-        canonical = att.canonical_chat_request(body)  # raises UnsupportedRequest
+        """The answer to `body`; raises UnsupportedRequest (a 400) for what cannot be served."""
+        try:
+            canonical = att.canonical_chat_request(body)
+        except OverflowError:  # e.g. a temperature too large for a float
+            raise att.UnsupportedRequest("a number in the request is out of range") from None
         model = body["model"]
-        price = self.prices.get(model) or self.prices.get(model.rsplit("/", 1)[-1])
+        price = MODEL_PRICES.get(model) or MODEL_PRICES.get(model.rsplit("/", 1)[-1])
         if price is None:
             raise att.UnsupportedRequest(f"Unsupported model: {model}")
         if body.get("stream"):
@@ -671,10 +681,11 @@ class TeeGateway:
         prompt_tokens = count_tokens(att.canonical_request_bytes(canonical).decode("utf-8"))
         completion_tokens = count_tokens(output_text)
         cost_opg, cost_usd = request_cost(price, prompt_tokens, completion_tokens)
-        return _Completion(body=body, canonical=canonical, model=model, settlement_type=mode,
-                           message=message, finish_reason=finish_reason,
-                           prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                           cost_opg=cost_opg, cost_usd=cost_usd)
+        return _Completion(body=body, input_hash=att.input_hash(canonical), model=model,
+                           settlement_type=mode, message=message, finish_reason=finish_reason,
+                           output_text=output_text, prompt_tokens=prompt_tokens,
+                           completion_tokens=completion_tokens, cost_opg=cost_opg,
+                           cost_usd=cost_usd)
 
     def quote(self, body: dict[str, Any]) -> int:
         """What `body` would cost in OPG wei (raises UnsupportedRequest like the route's 400)."""
@@ -691,16 +702,14 @@ class TeeGateway:
             "opengradient": {"cost_opg": str(c.cost_opg), "cost_usd": usd_text(c.cost_usd),
                              "opg_price_usd": usd_text(OPG_USD)},
         }
-        response.update(self.attest(c.canonical, att.chat_output_text(response), timestamp))
+        # The response carries exactly the message the output text was taken from.
+        response.update(self._attest(c.input_hash, att.output_hash(c.output_text), timestamp))
         return response
 
-    def attest(self, canonical: dict[str, Any], output_text: str,
-               timestamp: int | None = None) -> dict[str, Any]:
-        """The TEE fields for a canonical request and its signed output text (signed with the
-        forged key when `faults.forge_signatures`)."""
+    def _attest(self, in_hash: bytes, out_hash: bytes, timestamp: int) -> dict[str, Any]:
+        """The TEE fields for a request and output hash (signed with the forged key when
+        `faults.forge_signatures`)."""
         assert self._signing_key is not None, "start() first"
-        timestamp = int(time.time()) if timestamp is None else timestamp
-        in_hash, out_hash = att.input_hash(canonical), att.output_hash(output_text)
         key = self._forged_key if self._forged_key is not None else self._signing_key
         signature = att.sign_attestation(key, att.message_hash(in_hash, out_hash, timestamp))
         return {"tee_signature": base64.b64encode(signature).decode("ascii"),
@@ -716,8 +725,6 @@ class TeeGateway:
         if self.faults.skip_settle_data:
             return []
         mode = c.settlement_type
-        if mode == "private" and not self.post_private:
-            return []
         batch = {"tee_id": response["tee_id"], "input_hash": response["tee_request_hash"],
                  "output_hash": response["tee_output_hash"],
                  "tee_signature": response["tee_signature"],
@@ -750,7 +757,7 @@ class TeeGateway:
         """POST /settle_data with bounded retries (transport errors and 5xx); never raises."""
         self.settle_data_posts.append(post)
         headers = {"x-settlement-type": post.settlement_type, "x-settlement-data": post.header}
-        for attempt in range(1, self.settle_data_attempts + 1):
+        for attempt in range(1, SETTLE_DATA_ATTEMPTS + 1):
             post.attempts = attempt
             if self._http is None:
                 post.error = "gateway stopped"
@@ -769,7 +776,7 @@ class TeeGateway:
                     break
             except (TimeoutError, aiohttp.ClientError) as exc:
                 post.status, post.error = None, repr(exc)
-            if attempt < self.settle_data_attempts:
+            if attempt < SETTLE_DATA_ATTEMPTS:
                 await asyncio.sleep(0.1 * 2 ** (attempt - 1))
         if not post.accepted:
             log.warning("settle_data (%s) not accepted after %d attempt(s): %s",
@@ -785,11 +792,11 @@ class TeeGateway:
 
     def due_sessions(self, now: float | None = None) -> list[UptoSession]:
         """Open sessions to settle now: exhausted, idle for `idle_timeout_s`, or within
-        `deadline_margin_s` of their permit deadline."""
+        `DEADLINE_MARGIN_S` of their permit deadline."""
         now = time.time() if now is None else now
         return [s for s in self.sessions.values() if s.state == "open" and (
             s.exhausted or now - s.last_activity >= self.idle_timeout_s
-            or now >= s.deadline - self.deadline_margin_s)]
+            or now >= s.deadline - DEADLINE_MARGIN_S)]
 
     async def _reap_forever(self) -> None:
         while True:
@@ -810,13 +817,6 @@ class TeeGateway:
             task.add_done_callback(lambda _t, sid=session.id: self._settling.pop(sid, None))
         return task
 
-    async def settle_session(self, session_id: str) -> SessionOutcome | None:
-        """Settle one session now (or wait for its settlement in progress)."""
-        session = self.sessions[session_id]
-        if session.state in ("open", "settling"):
-            return await self._settle_in_background(session)
-        return session.outcome
-
     async def settle_all(self) -> list[SessionOutcome]:
         """Settle every open session now (tests, shutdown); returns the outcomes."""
         tasks = [self._settle_in_background(s) for s in list(self.sessions.values())
@@ -832,7 +832,7 @@ class TeeGateway:
                 "costOpg": str(amount), "costUsd": usd_text(session.cost_usd),
                 "inputTokens": session.input_tokens, "outputTokens": session.output_tokens,
                 "totalTokens": session.input_tokens + session.output_tokens,
-                "service": self.service, "method": "POST", "path": CHAT_PATH, "model": model,
+                "service": SERVICE, "method": "POST", "path": CHAT_PATH, "model": model,
                 "settlementType": session.settlement_types[-1] if session.settlement_types
                 else None,
                 "network": self.network, "asset": self.asset, "isStreaming": False}
@@ -848,11 +848,11 @@ class TeeGateway:
                 "paymentRequirements": requirements,
                 "usageMetadata": self.usage_metadata(session, amount)}
         outcome = SessionOutcome(success=False, amount=amount, error="not attempted")
-        for attempt in range(1, self.settle_attempts + 1):
+        for attempt in range(1, SETTLE_ATTEMPTS + 1):
             outcome = await self._settle_once(body, amount)
             if outcome.success or outcome.error not in ("settlement_pending", "unavailable"):
                 break
-            if attempt < self.settle_attempts:
+            if attempt < SETTLE_ATTEMPTS:
                 await asyncio.sleep(min(0.5 * attempt, 2.0))
         session.outcome = outcome
         session.state = "settled" if outcome.success else "failed"
@@ -891,7 +891,7 @@ class TeeGateway:
     async def _poll_job(self, job_id: Any) -> dict[str, Any] | None:
         """A finished job's SettleResponse, or None when it did not finish within the bound."""
         assert self._http is not None
-        deadline = time.monotonic() + self.settle_poll_timeout_s
+        deadline = time.monotonic() + SETTLE_POLL_TIMEOUT_S
         delay = 0.05
         while time.monotonic() < deadline:
             try:
@@ -920,10 +920,34 @@ def _last_user_text(messages: list[dict[str, Any]]) -> str:
             if isinstance(content, str):
                 return content
             if isinstance(content, list):
-                return " ".join(p.get("text") or "" for p in content
+                return " ".join(_text_part(p) for p in content
                                 if isinstance(p, dict) and p.get("type") == "text")
             return "" if content is None else str(content)
     return ""
+
+
+def _text_part(part: dict[str, Any]) -> str:
+    text = part.get("text")
+    if text is None:
+        return ""
+    if not isinstance(text, str):
+        raise att.UnsupportedRequest("a text content part's 'text' must be a string")
+    return text
+
+
+def _function_name(holder: Any, where: str) -> str | None:
+    """`holder.function.name` of a tool or tool_choice object (None when absent)."""
+    if not isinstance(holder, dict):
+        return None
+    function = holder.get("function")
+    if function is None:
+        return None
+    if not isinstance(function, dict):
+        raise att.UnsupportedRequest(f"{where}.function must be an object")
+    name = function.get("name")
+    if name is not None and not isinstance(name, str):
+        raise att.UnsupportedRequest(f"{where}.function.name must be a string")
+    return name or None
 
 
 def _reply(body: dict[str, Any]) -> tuple[dict[str, Any], str]:
@@ -935,12 +959,8 @@ def _reply(body: dict[str, Any]) -> tuple[dict[str, Any], str]:
     tools = body.get("tools") if isinstance(body.get("tools"), list) else []
     choice = body.get("tool_choice")
     if tools and choice != "none" and last.get("role") == "user":
-        name = None
-        if isinstance(choice, dict):
-            name = (choice.get("function") or {}).get("name")
-        if name is None:
-            first = tools[0] if isinstance(tools[0], dict) else {}
-            name = (first.get("function") or {}).get("name") or "tool"
+        name = _function_name(choice, "tool_choice") or _function_name(tools[0], "tools[0]") \
+            or "tool"
         arguments = json.dumps({"query": _last_user_text(messages)})
         call_id = "call_" + hashlib.sha256(
             json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:24]

@@ -5,7 +5,7 @@
 - a second anvil as the OpenGradient chain (10740) with a TEERegistry and an
   InferenceSettlementRelay (admin: anvil key 0; the facilitator's OG relayer, key 8, holds
   SETTLEMENT_RELAY_ROLE);
-- a Walrus-like blob store; a private PostgreSQL (unless a database URL is given);
+- a Walrus-like blob store; a private PostgreSQL (unless a database URL is given: see below);
 - the facilitator on 127.0.0.1:4022, configured for both chains, the relay and the blob store;
 - a TEE gateway emulator (`devnet/gateway.py`) paid through the facilitator, its key registered
   in the TEERegistry, its payee a fresh address.
@@ -13,8 +13,14 @@
 Guarantees: everything listens on loopback only; `.devnet/manifest.json` describes it all
 (devnet keys only — anvil's public test keys, never real funds); `stop()` tears down whatever
 was started, in reverse order, also after a failed `start()` (the gateway settles its open
-sessions first while the facilitator still runs). The database is recreated on every start
-because the chains are new on every start.
+sessions first while the facilitator still runs).
+
+The database: without a URL, a fresh database in a private cluster under `.devnet/`, recreated
+on every start because the chains are new on every start (its DSN has no password and is
+written to the manifest as is). A URL given (`database_url`, or DATABASE_URL) is used as is,
+NOT recreated: rows and watcher checkpoints of an earlier run stay, and meet new chains — give
+an empty database. Its password is never written or printed: the manifest carries the URL with
+the password replaced by `***`.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 from eth_account import Account
@@ -215,5 +222,20 @@ def _manifest(devnet: Devnet, base: dict[str, str], og: dict[str, str], payers: 
         "gateway": {"url": devnet.gateway.url, "teeId": tee_id, "payTo": devnet.gateway.pay_to,
                     "sessionCap": str(devnet.gateway.session_cap),
                     "idleTimeoutS": devnet.gateway.idle_timeout_s},
-        "databaseUrl": dsn,
+        "databaseUrl": redacted_dsn(dsn),
     }
+
+
+def redacted_dsn(dsn: str) -> str:
+    """`dsn` with its password (in the userinfo or a `password=` parameter) replaced by `***`;
+    a DSN without one is returned unchanged."""
+    parts = urlsplit(dsn)
+    netloc = parts.netloc
+    userinfo, at, host = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = userinfo.split(":", 1)[0] + ":***@" + host
+    query = "&".join("password=***" if item.split("=", 1)[0].lower() == "password" else item
+                     for item in parts.query.split("&")) if parts.query else parts.query
+    if netloc == parts.netloc and query == parts.query:
+        return dsn
+    return urlunsplit(parts._replace(netloc=netloc, query=query))

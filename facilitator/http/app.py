@@ -5,8 +5,11 @@ Guarantees:
   when the payment is invalid (the official clients treat any other status as an exception).
 - A malformed request gets HTTP 400 `{"error": "invalid_request", "field", "message"}`: not
   JSON, missing or mistyped fields, non-canonical numbers, bad addresses, a body over 64 KiB.
+  Handlers (here, in `http.og` and in `audit`) just raise `BadRequest`; the `request_context`
+  middleware answers it, once for every route.
 - No response ever contains a stack trace: an unexpected exception becomes a 500 with an opaque
-  error and the request id, and the details go to the log only.
+  error and the request id, and the details go to the log only. A streaming handler (the audit
+  exports) answers its own failures once it has started the stream: it aborts the connection.
 """
 
 from __future__ import annotations
@@ -21,15 +24,18 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import web
 
-from facilitator.adapters.logging import request_id_var
 from facilitator.adapters.jobs import JOB_PREFIX
+from facilitator.adapters.logging import request_id_var
 from facilitator.adapters.metrics import Metrics
+from facilitator.audit.queries import confirmations
 from facilitator.protocol.fields import BadRequest
 from facilitator.services.facilitator import FacilitatorService
 
 log = logging.getLogger("facilitator.http")
 
 MAX_BODY_BYTES = 64 * 1024
+MAX_USAGE_DAYS = 366
+SETTLE_MODE_HEADER = "X-Settle-Mode"
 SERVICE_KEY: web.AppKey[FacilitatorService] = web.AppKey("service", FacilitatorService)
 METRICS_KEY: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 READINESS_KEY: web.AppKey[Callable[[], Awaitable[dict[str, Any]]]] = web.AppKey("readiness")
@@ -38,15 +44,18 @@ JOBS_KEY: web.AppKey[AsyncSettlement] = web.AppKey("jobs")
 
 
 class AsyncSettlement(Protocol):
-    """Asynchronous /settle (OpenGradient's facilitator API): 202 with a job, polled later."""
+    """Asynchronous /settle (OpenGradient's facilitator API): 202 with a job, polled later;
+    implemented by `facilitator.http.og.AsyncSettlement`."""
 
-    def wanted(self, request: web.Request, body: Any) -> bool: ...
+    def wanted(self, mode: str | None, body: Any) -> bool: ...
 
     async def enqueue(self, body: Any) -> dict[str, Any]: ...
 
     async def job(self, job_id: str) -> dict[str, Any] | None: ...
 
     async def usage(self, days: int) -> dict[str, Any]: ...
+
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -71,10 +80,11 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     except web.HTTPException as exc:
         status = exc.status
         raise
-    except Exception:  # noqa: BLE001 - the last line of defence: log it, answer opaquely
+    except BadRequest as exc:
+        response = bad_request(exc.field, exc.message)
+        status = response.status
+    except Exception:  # the last line of defence: log it, answer opaquely
         log.exception("unhandled error on %s %s", request.method, request.path)
-        if _started_streaming(request):
-            raise  # a second response inside a chunked body would corrupt it; abort instead
         response = json_response({"error": "internal_error", "requestId": request_id}, 500)
     finally:
         route = request.match_info.route.resource
@@ -84,12 +94,6 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         request_id_var.reset(token)
     response.headers["X-Request-Id"] = request_id
     return response
-
-
-def _started_streaming(request: web.Request) -> bool:
-    """Has a (streamed) response already put bytes on the wire for this request?"""
-    writer = getattr(request, "_payload_writer", None)
-    return getattr(writer, "output_size", 0) > 0
 
 
 async def _read_json(request: web.Request) -> Any:
@@ -109,24 +113,18 @@ async def _read_json(request: web.Request) -> Any:
 
 
 async def verify(request: web.Request) -> web.Response:
-    try:
-        body = await _read_json(request)
-        answer = await request.app[SERVICE_KEY].verify(body, request_id_var.get())
-    except BadRequest as exc:
-        return bad_request(exc.field, exc.message)
+    body = await _read_json(request)
+    answer = await request.app[SERVICE_KEY].verify(body, request_id_var.get())
     return json_response(answer.to_json())
 
 
 async def settle(request: web.Request) -> web.Response:
     jobs = request.app[JOBS_KEY]
-    try:
-        body = await _read_json(request)
-        if jobs.wanted(request, body):
-            request.app[SERVICE_KEY].validate_settle(body)
-            return json_response({"paymentJob": await jobs.enqueue(body)}, 202)
-        answer = await request.app[SERVICE_KEY].settle(body, request_id_var.get())
-    except BadRequest as exc:
-        return bad_request(exc.field, exc.message)
+    body = await _read_json(request)
+    if jobs.wanted(request.headers.get(SETTLE_MODE_HEADER), body):
+        request.app[SERVICE_KEY].validate_settle(body)
+        return json_response({"paymentJob": await jobs.enqueue(body)}, 202)
+    answer = await request.app[SERVICE_KEY].settle(body, request_id_var.get())
     return json_response(answer.to_json())
 
 
@@ -154,9 +152,13 @@ async def _job_status(request: web.Request, key: str) -> web.Response:
 
 async def usage(request: web.Request) -> web.Response:
     raw = request.query.get("days", "7")
-    if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= 366:
-        return bad_request("days", "must be an integer from 1 to 366")
+    # Length first: int() of a 5000-digit string raises ValueError (Python's digit limit).
+    if not _DAYS.fullmatch(raw) or not 1 <= int(raw) <= MAX_USAGE_DAYS:
+        raise BadRequest("days", f"must be an integer from 1 to {MAX_USAGE_DAYS}")
     return json_response(await request.app[JOBS_KEY].usage(int(raw)))
+
+
+_DAYS = re.compile(r"[1-9][0-9]{0,2}", re.ASCII)
 
 
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
@@ -173,6 +175,23 @@ def _is_settlement_key(key: str) -> bool:
     if key.startswith("0x"):
         return len(key) == 66 and all(c in "0123456789abcdefABCDEF" for c in key[2:])
     return _is_uuid(key)
+
+
+def status_body(row: Any, timeline: list[dict[str, Any]], head: int | None) -> dict[str, Any]:
+    """`GET /settle/{id}`: a settlement record and its timeline. `head` is the chain watcher's
+    processed block (`audit.queries.watcher_head`), so `confirmations` is the audit API's."""
+    return {
+        "id": row.public_id, "state": str(row.state), "scheme": row.scheme,
+        "network": row.network, "chainId": row.chain_id, "asset": row.asset, "payer": row.payer,
+        "payTo": row.pay_to, "amount": str(row.amount), "transaction": row.tx_hash_hex or None,
+        "blockNumber": row.block_number,
+        "confirmations": confirmations(str(row.state), row.block_number, head),
+        "settledBy": row.settled_by, "reason": row.reason, "message": row.message,
+        "timeline": [{"at": e["at"].isoformat(), "from": e["from_state"], "to": e["to_state"],
+                      "reason": e["reason"],
+                      "transaction": "0x" + e["tx_hash"].hex() if e["tx_hash"] else None}
+                     for e in timeline],
+    }
 
 
 async def supported(request: web.Request) -> web.Response:
@@ -212,4 +231,13 @@ def build_http_app(service: FacilitatorService, metrics_: Metrics,
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/usage", usage)
+    return app
+
+
+def build_metrics_app(metrics_: Metrics) -> web.Application:
+    """`facilitator watch`'s HTTP endpoints: `/health` and `/metrics` only."""
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[request_context])
+    app[METRICS_KEY] = metrics_
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
     return app

@@ -249,3 +249,43 @@ def test_toml_network_errors_name_the_key(tmp_path: Path, edit: tuple[str, str],
     env = minimal_env(FACILITATOR_CONFIG=_toml(tmp_path, text),
                       FACILITATOR_RPC_URLS_DEVNET="http://127.0.0.1:8545")
     assert where in config_error(env)
+
+
+# ---- FACILITATOR_CONFIRMATIONS over networks[].confirmations (environment > TOML) ---------------
+
+def test_confirmations_variable_overrides_the_toml_networks(tmp_path: Path) -> None:
+    env = minimal_env(FACILITATOR_CONFIG=_toml(tmp_path, NETWORKS_TOML),
+                      FACILITATOR_RPC_URLS_DEVNET="http://127.0.0.1:8545")
+    assert load_settings(env).networks[0].network.confirmations == 2  # the TOML value
+    env["FACILITATOR_CONFIRMATIONS"] = "3"
+    assert load_settings(env).networks[0].network.confirmations == 3
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "10001", "1e3"])
+@pytest.mark.parametrize("with_toml", [True, False], ids=["toml networks", "built-in network"])
+def test_invalid_confirmations_variable_fails_naming_it(tmp_path: Path, value: str,
+                                                        with_toml: bool) -> None:
+    env = minimal_env(FACILITATOR_CONFIRMATIONS=value)
+    if with_toml:
+        env.update(FACILITATOR_CONFIG=_toml(tmp_path, NETWORKS_TOML),
+                   FACILITATOR_RPC_URLS_DEVNET="http://127.0.0.1:8545")
+    assert "FACILITATOR_CONFIRMATIONS" in config_error(env)
+
+
+def test_toml_choice_of_a_wrong_type_names_the_key(tmp_path: Path) -> None:
+    message = config_error(minimal_env(FACILITATOR_CONFIG=_toml(
+        tmp_path, "[watcher]\nenabled = false\n")))
+    assert "watcher.enabled" in message
+
+
+def test_crosscheck_settings_are_read_as_the_service_reads_them(tmp_path: Path) -> None:
+    from facilitator.config import crosscheck_settings
+
+    toml = _toml(tmp_path, "[og]\nchain_id = 777\nsettle_window_s = 60\n")
+    shared = crosscheck_settings({"FACILITATOR_CONFIG": toml})
+    assert (shared.og_chain_id, shared.settle_window_s) == (777, 60.0)
+    shared = crosscheck_settings({"FACILITATOR_CONFIG": toml, "FACILITATOR_OG_CHAIN_ID": "5"})
+    assert shared.og_chain_id == 5
+    assert crosscheck_settings({}).og_chain_id == 10740
+    with pytest.raises(ConfigError, match="FACILITATOR_ATTESTATION_SETTLE_WINDOW_S"):
+        crosscheck_settings({"FACILITATOR_ATTESTATION_SETTLE_WINDOW_S": "0"})
