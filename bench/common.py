@@ -12,7 +12,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import aiohttp
 from eth_account import Account
+from harness import metric_value, wait_until  # bench scripts put tests/ on sys.path first
 
 from facilitator.devnet import contracts
 from facilitator.devnet.anvil import DEV_KEYS, Anvil, free_port
@@ -71,7 +71,7 @@ async def devnet(*, payers: int, block_time_s: float | None = None,
             *pin(0), sys.executable, "-m", "facilitator", "serve", env=proc_env,
             stdout=asyncio.subprocess.DEVNULL, stderr=open(workdir / "facilitator.log", "wb"))
         url = f"http://127.0.0.1:{port}"
-        await _wait_ready(url)
+        await _wait_ready(url, process, workdir / "facilitator.log")
         yield Bench(anvil, usdc, url, signer_key, accounts, dsn, process.pid)
     finally:
         if process is not None and process.returncode is None:
@@ -82,18 +82,23 @@ async def devnet(*, payers: int, block_time_s: float | None = None,
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-async def _wait_ready(url: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
+async def _wait_ready(url: str, process: asyncio.subprocess.Process, log: Path,
+                      timeout_s: float = 30.0) -> None:
+    last: list[str] = ["no answer yet"]
     async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
+        async def healthy() -> bool:
+            if process.returncode is not None:
+                tail = log.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"facilitator exited with {process.returncode}:\n{tail}")
             try:
                 async with session.get(url + "/health") as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise RuntimeError("facilitator did not become healthy")
+                    last[0] = f"HTTP {resp.status}"
+                    return resp.status == 200
+            except aiohttp.ClientError as exc:
+                last[0] = repr(exc)
+                return False
+        await wait_until(healthy, timeout_s=timeout_s, interval_s=0.1,
+                         what="the facilitator to become healthy", detail=lambda: last[0])
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -108,11 +113,19 @@ def table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def histogram_mean(exposition: str, metric: str, selector: str) -> float:
-    """Mean of a histogram from the Prometheus text exposition (sum / count)."""
-    values = {}
-    for line in exposition.splitlines():
-        for part in ("_sum", "_count"):
-            if line.startswith(metric + part) and selector in line:
-                values[part] = values.get(part, 0.0) + float(line.rsplit(" ", 1)[1])
-    return values.get("_sum", 0.0) / values["_count"] if values.get("_count") else float("nan")
+def histogram_mean(after: str, metric: str, before: str | None = None, **labels: str) -> float:
+    """Mean of a histogram's observations (sum / count) from Prometheus text expositions: the
+    ones made between the `before` scrape and the `after` one when `before` is given (the
+    counters are cumulative since the process started), all of them otherwise. NaN when none."""
+    def delta(part: str) -> float:
+        value = metric_value(after, metric + part, **labels)
+        return value - metric_value(before, metric + part, **labels) if before else value
+    count = delta("_count")
+    return delta("_sum") / count if count else float("nan")
+
+
+async def scrape(session: aiohttp.ClientSession, url: str) -> str:
+    """The facilitator's /metrics text."""
+    async with session.get(url + "/metrics") as resp:
+        resp.raise_for_status()
+        return await resp.text()

@@ -6,8 +6,10 @@ facilitator as its own process pinned to CPU 0; this load generator, anvil and P
 CPU 1. Every payment is a distinct EIP-3009 authorization signed before the clock starts.
 `--inflight` workers each settle payments back to back (closed loop) until `--payments` have been
 answered. A settle counts as successful only with `success: true`; the on-chain Transfer count
-is checked against it afterwards. Throughput is printed for the whole run and sustained (from
-the `--inflight`-th successful answer to the last: the first burst arrives all at once).
+must equal the number of successes (otherwise the script exits 1 after the tables). Throughput
+and latencies count successful answers only; throughput is printed for the whole run and
+sustained (from the `--inflight`-th successful answer to the last: the first burst arrives all at
+once). Phase and RPC means are the difference of two /metrics scrapes, before and after the run.
 Prints one table per mode.
 
     .venv/bin/python bench/settle.py [--payments 3000] [--inflight 300] [--block-time 1]
@@ -28,7 +30,7 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import devnet, histogram_mean, percentile, table  # noqa: E402
+from common import devnet, histogram_mean, percentile, scrape, table  # noqa: E402
 from eth_account import Account  # noqa: E402
 from harness import pay  # noqa: E402
 
@@ -36,7 +38,9 @@ RPC_METHODS = ("eth_createAccessList", "eth_sendRawTransaction", "eth_getTransac
 TRANSFER_TOPIC = "0xddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"
 
 
-async def run_mode(label: str, payments: int, inflight: int, block_time_s: float | None) -> None:
+async def run_mode(label: str, payments: int, inflight: int, block_time_s: float | None
+                   ) -> str | None:
+    """Prints the mode's table; returns what went wrong, if anything."""
     async with devnet(payers=50, block_time_s=block_time_s,
                       env={"FACILITATOR_RECEIPT_TIMEOUT_S": "30",
                            "FACILITATOR_DB_POOL_SIZE": os.environ.get("POOL", "20"),
@@ -45,7 +49,7 @@ async def run_mode(label: str, payments: int, inflight: int, block_time_s: float
         pay_to = Account.create().address
         bodies = [orjson.dumps(pay(bench.payers[i % len(bench.payers)], pay_to, 1_000 + i))
                   for i in range(payments)]
-        latencies: list[float] = []
+        latencies: list[float] = []  # of successful answers
         answered_at: list[float] = []  # monotonic time of each successful answer
         outcomes: dict[str, int] = {}
         queue = list(reversed(bodies))
@@ -58,17 +62,23 @@ async def run_mode(label: str, payments: int, inflight: int, block_time_s: float
                     started = time.perf_counter()
                     async with session.post(bench.facilitator_url + "/settle", data=body,
                                             headers={"Content-Type": "application/json"}) as r:
-                        answer = orjson.loads(await r.read())
-                    latencies.append(time.perf_counter() - started)
-                    key = "success" if answer.get("success") else answer.get("errorReason", "?")
-                    if key == "success":
+                        status, raw = r.status, await r.read()
+                    took = time.perf_counter() - started
+                    try:
+                        answer = orjson.loads(raw)
+                    except orjson.JSONDecodeError:
+                        answer = {"errorReason": f"HTTP {status}, not JSON"}
+                    success = status == 200 and answer.get("success") is True
+                    key = "success" if success else answer.get("errorReason", f"HTTP {status}")
+                    if success:
+                        latencies.append(took)
                         answered_at.append(time.monotonic())
                     outcomes[key] = outcomes.get(key, 0) + 1
+            before = await scrape(session, bench.facilitator_url)
             began = time.monotonic()
             await asyncio.gather(*(worker() for _ in range(inflight)))
             elapsed = time.monotonic() - began
-            async with session.get(bench.facilitator_url + "/metrics") as r:
-                exposition = await r.text()
+            after = await scrape(session, bench.facilitator_url)
         transfers = await bench.anvil.rpc("eth_getLogs", [{
             "address": bench.usdc, "fromBlock": "0x0", "toBlock": "latest",
             "topics": [TRANSFER_TOPIC, None, "0x" + "00" * 12 + pay_to[2:].lower()]}])
@@ -78,18 +88,22 @@ async def run_mode(label: str, payments: int, inflight: int, block_time_s: float
         ("payments", f"{payments} distinct, {inflight} in flight"),
         ("elapsed", f"{elapsed:.1f} s"),
         ("outcomes", ", ".join(f"{k}={v}" for k, v in sorted(outcomes.items()))),
-        ("on-chain transfers", str(len(transfers))),
+        ("on-chain transfers", f"{len(transfers)} ("
+                               + ("= successes" if len(transfers) == ok else "MISMATCH") + ")"),
         ("throughput", f"{ok / elapsed:,.0f} settled/s (whole run)"),
         ("throughput sustained", f"{_sustained(answered_at, inflight):,.0f} settled/s (after "
                                  f"the first {inflight} answers)"),
-        ("latency p50", f"{percentile(latencies, 0.50) * 1000:.0f} ms"),
-        ("latency p99", f"{percentile(latencies, 0.99) * 1000:.0f} ms"),
-        *((f"phase {phase}", f"{_phase_mean(exposition, phase) * 1000:.0f} ms mean")
+        ("latency p50", f"{percentile(latencies, 0.50) * 1000:.0f} ms (successes)"),
+        ("latency p99", f"{percentile(latencies, 0.99) * 1000:.0f} ms (successes)"),
+        *((f"phase {phase}", f"{_phase_mean(after, before, phase) * 1000:.0f} ms mean")
           for phase in ("verify", "request_to_broadcast", "broadcast_to_inclusion")),
-        *((f"rpc {method}", f"{_rpc_mean(exposition, method) * 1000:.1f} ms mean")
+        *((f"rpc {method}", f"{_rpc_mean(after, before, method) * 1000:.1f} ms mean")
           for method in RPC_METHODS),
     ]))
     print()
+    if len(transfers) != ok:
+        return f"{label}: {len(transfers)} on-chain transfers for {ok} successful settles"
+    return None
 
 
 def _sustained(answered_at: list[float], warmup: int) -> float:
@@ -101,13 +115,13 @@ def _sustained(answered_at: list[float], warmup: int) -> float:
     return (len(window) - 1) / (window[-1] - window[0])
 
 
-def _phase_mean(exposition: str, phase: str) -> float:
-    return histogram_mean(exposition, "facilitator_settlement_latency_seconds", f'phase="{phase}"')
+def _phase_mean(after: str, before: str, phase: str) -> float:
+    return histogram_mean(after, "facilitator_settlement_latency_seconds", before, phase=phase)
 
 
-def _rpc_mean(exposition: str, method: str) -> float:
-    return histogram_mean(exposition, "facilitator_rpc_request_duration_seconds",
-                          f'method="{method}"')
+def _rpc_mean(after: str, before: str, method: str) -> float:
+    return histogram_mean(after, "facilitator_rpc_request_duration_seconds", before,
+                          method=method)
 
 
 def main() -> None:
@@ -117,11 +131,15 @@ def main() -> None:
     parser.add_argument("--block-time", type=float, default=1.0)
     parser.add_argument("--mode", choices=("both", "automine", "interval"), default="both")
     args = parser.parse_args()
+    problems = []
     if args.mode in ("both", "automine"):
-        asyncio.run(run_mode("automine", args.payments, args.inflight, None))
+        problems.append(asyncio.run(run_mode("automine", args.payments, args.inflight, None)))
     if args.mode in ("both", "interval"):
-        asyncio.run(run_mode(f"{args.block_time:g} s blocks", args.payments, args.inflight,
-                             args.block_time))
+        problems.append(asyncio.run(run_mode(f"{args.block_time:g} s blocks", args.payments,
+                                             args.inflight, args.block_time)))
+    problems = [p for p in problems if p]
+    if problems:
+        raise SystemExit("; ".join(problems))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,14 @@
 """Many settlement rows at once, in set-based statements (audit tests and the export benchmark):
-the rows pass through the legal state transitions, so the state machine's CHECK holds."""
+the rows pass through the legal state transitions, so the state machine's CHECK holds. And the
+download side of the export tests: `stream_export`."""
 
 from __future__ import annotations
 
+import time
+import tracemalloc
+from collections.abc import Callable
 from datetime import datetime, timedelta
+from typing import Any
 
 import asyncpg
 
@@ -34,3 +39,30 @@ async def bulk_settlements(pool: asyncpg.Pool, count: int, *, asset: str, pay_to
         await conn.execute("""
             UPDATE settlements SET state = 'confirmed', confirmed_at = clock_timestamp()
             WHERE state = 'included' AND amount % 10 <> 0""")
+
+
+async def stream_export(client: Any, path: str, fmt: str, separator: bytes,
+                        on_line: Callable[[bytes], None], headers: dict[str, str]
+                        ) -> tuple[int, int, float]:
+    """Download the export at `path` (`?format=fmt`, through an aiohttp test client) chunk by
+    chunk, never holding it whole, handing each `separator`-terminated line to `on_line`;
+    returns (bytes, peak heap bytes, seconds), tracemalloc measuring server, driver and client
+    together."""
+    size = 0
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    started = time.monotonic()
+    try:
+        async with client.get(path, params={"format": fmt}, headers=headers) as response:
+            assert response.status == 200
+            pending = b""
+            async for chunk in response.content.iter_chunked(64 * 1024):
+                size += len(chunk)
+                *lines, pending = (pending + chunk).split(separator)
+                for line in lines:
+                    on_line(line)
+            assert pending == b""
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return size, peak, time.monotonic() - started

@@ -8,16 +8,19 @@ HTTP, and settled on anvil; the database is a private PostgreSQL cluster.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import asyncpg
 import httpx
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
+from prometheus_client.parser import text_string_to_metric_families
 
 from facilitator.app import Facilitator
 from facilitator.config import load_settings
@@ -36,13 +39,39 @@ ETHER = 10**18
 
 
 async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout_s: float = 10.0,
-                     interval_s: float = 0.05, what: str = "condition") -> None:
-    """Poll an async predicate until true; fail loudly after `timeout_s` (no blind sleeps)."""
+                     interval_s: float = 0.05, what: str = "condition",
+                     detail: Callable[[], str] | None = None) -> None:
+    """Poll an async predicate until true; fail loudly after `timeout_s` (no blind sleeps).
+    `detail`, when given, is called on timeout and its text ends the error message (e.g. the
+    last value seen)."""
     deadline = time.monotonic() + timeout_s
     while not await predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+            message = f"timed out after {timeout_s} s waiting for {what}"
+            raise AssertionError(message + (f": {detail()}" if detail is not None else ""))
         await asyncio.sleep(interval_s)
+
+
+async def db_fetch(database_url: str, sql: str, *args: Any) -> list[asyncpg.Record]:
+    """One query on its own connection (for reads in assertions)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        return await conn.fetch(sql, *args)
+    finally:
+        await conn.close()
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples called `name` (full sample name: `x_total`, `x_bucket`, `x_count`, a
+    gauge's own name) in a Prometheus text exposition whose labels include `labels`; 0 when there
+    are none."""
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v
+                                           for k, v in labels.items()):
+                total += sample.value
+    return total
 
 
 @dataclass
@@ -114,6 +143,24 @@ class DevChain:
 
     async def set_automine(self, enabled: bool) -> None:
         await self.rpc("evm_setAutomine", [enabled])
+
+    @contextlib.asynccontextmanager
+    async def manual_mining(self, *, mine_on_exit: bool = False) -> AsyncIterator[None]:
+        """Automine off inside the block (transactions wait in the pool until `mine`), back on
+        afterwards whatever happens; with `mine_on_exit`, one block is then mined so that what
+        is still pooled gets included (turning automine on does not mine the pool)."""
+        await self.set_automine(False)
+        try:
+            yield
+        finally:
+            await self.set_automine(True)
+            if mine_on_exit:
+                await self.mine()
+
+    async def tx_count(self, address: str, block: str = "pending") -> int:
+        """eth_getTransactionCount: transactions sent by `address` (pooled ones included by
+        default)."""
+        return int(await self.rpc("eth_getTransactionCount", [address, block]), 16)
 
     async def chain_time(self) -> int:
         block = await self.rpc("eth_getBlockByNumber", ["latest", False])

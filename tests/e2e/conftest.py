@@ -1,4 +1,5 @@
-"""End-to-end fixtures: resource servers built from the official x402 SDK, served by uvicorn.
+"""End-to-end fixtures: resource servers built from the official x402 SDK, served by uvicorn;
+TEE gateway emulators and `/settle_data` recorders (gateway_fixtures.py).
 
 The SDK is the independent party here. Its FastAPI middleware fetches `GET /supported`
 *synchronously* when it is built, and our facilitator runs in the test's event loop, so every
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytest
 import uvicorn
+from gateway_fixtures import GatewayFactory, SettleDataSink, gateways, settle_data_sinks
 from harness import wait_until
 
 
@@ -93,3 +95,19 @@ async def serve() -> AsyncIterator[ServerFactory]:
     yield start
     for server in reversed(running):
         await server.stop()
+
+
+@pytest.fixture
+async def gateway_factory(facilitator_factory: Any) -> AsyncIterator[GatewayFactory]:
+    """Start TEE gateway emulators (`gateway_fixtures.gateways`); all stopped at the end of the
+    test, before its facilitators."""
+    async with gateways(facilitator_factory) as make:
+        yield make
+
+
+@pytest.fixture
+async def sink_factory() -> AsyncIterator[Callable[..., Awaitable[SettleDataSink]]]:
+    """Start `/settle_data` recorders (`gateway_fixtures.settle_data_sinks`); all stopped at the
+    end of the test."""
+    async with settle_data_sinks() as make:
+        yield make

@@ -1,14 +1,13 @@
 """Shared pieces of the TEE-gateway end-to-end tests: gateway emulators in front of a running
 facilitator, the official x402 SDK as an `upto` payer, a `/settle_data` recorder, and the
-on-chain, database and metrics reads the assertions need.
+on-chain and metrics reads the assertions need (database reads: `harness.db_fetch`).
 
-Plain helpers, no pytest fixtures: each test module wraps `gateways` and `settle_data_sinks`
-in its own small fixtures.
+The fixtures wrapping `gateways` and `settle_data_sinks` (`gateway_factory`, `sink_factory`) are
+in tests/e2e/conftest.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,12 +15,11 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import asyncpg
 import httpx
 from aiohttp import web
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
-from harness import OPG, DevChain, RunningFacilitator
+from harness import OPG, DevChain, RunningFacilitator, metric_value, wait_until
 from x402 import x402Client
 from x402.http.utils import decode_payment_required_header, encode_payment_signature_header
 from x402.mechanisms.evm.upto import UptoEvmClientScheme
@@ -186,31 +184,14 @@ async def opg_transfers_to(chain: DevChain, pay_to: str) -> list[tuple[str, int,
             for log in logs]
 
 
-async def db_rows(database_url: str, sql: str, *args: Any) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(database_url)
-    try:
-        return await conn.fetch(sql, *args)
-    finally:
-        await conn.close()
-
-
 async def metric_total(facilitator: RunningFacilitator, name: str, **labels: str) -> float:
-    """Sum of a Prometheus counter's samples whose labels include `labels`."""
-    text = (await facilitator.http.get("/metrics")).text
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{"):
-            continue
-        sample_labels, value = line[len(name) + 1:].rsplit("} ", 1)
-        if all(f'{k}="{v}"' in sample_labels for k, v in labels.items()):
-            total += float(value)
-    return total
+    """Sum of the samples `name` on the facilitator's /metrics whose labels include `labels`."""
+    return metric_value((await facilitator.http.get("/metrics")).text, name, **labels)
 
 
 async def settled(gateway: TeeGateway, session_id: str, timeout_s: float = 30.0) -> None:
     """Wait (bounded) until the gateway's reaper finished settling the session."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while gateway.sessions[session_id].state in ("open", "settling"):
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"session {session_id} not settled within {timeout_s} s")
-        await asyncio.sleep(0.05)
+    async def done() -> bool:
+        return gateway.sessions[session_id].state not in ("open", "settling")
+    await wait_until(done, timeout_s=timeout_s, what=f"session {session_id} to be settled",
+                     detail=lambda: f"state {gateway.sessions[session_id].state!r}")

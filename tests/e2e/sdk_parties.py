@@ -21,11 +21,12 @@ caller builds them off the facilitator's event loop (see `conftest.ThreadedServe
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
+from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -34,13 +35,15 @@ from x402 import x402Client, x402ResourceServer
 from x402.http import FacilitatorConfig, HTTPFacilitatorClient
 from x402.http.middleware.fastapi import payment_middleware
 from x402.http.utils import (
+    decode_payment_required_header,
     decode_payment_response_header,
     decode_payment_signature_header,
     encode_payment_response_header,
+    encode_payment_signature_header,
 )
 from x402.http.x402_http_server import x402HTTPResourceServer
 from x402.mechanisms.evm.exact import register_exact_evm_client, register_exact_evm_server
-from x402.schemas import PaymentRequirements, SettleResponse
+from x402.schemas import PaymentRequired, PaymentRequirements, ResourceInfo, SettleResponse
 from x402.schemas.v1 import PaymentPayloadV1, PaymentRequiredV1, PaymentRequirementsV1
 
 PAID_BODY = {"content": "the paid resource"}
@@ -68,6 +71,32 @@ def v2_requirements(pay_to: str, amount: int = PRICE_ATOMIC) -> PaymentRequireme
     return PaymentRequirements(scheme="exact", network=NETWORK, asset=USDC, amount=str(amount),
                                pay_to=pay_to, max_timeout_seconds=300,
                                extra={"name": "USDC", "version": "2"})
+
+
+async def sdk_payload(payer: LocalAccount, pay_to: str, version: int = 2,
+                      resource: str = "http://127.0.0.1/paid") -> tuple[Any, Any]:
+    """(requirements, payload): the SDK client's payment for one exact requirement of
+    `version` (2: `PaymentRequirements` in a `PaymentRequired`; 1: `PaymentRequirementsV1` in a
+    `PaymentRequiredV1`), for presenting to a facilitator client or a resource server."""
+    required: Any
+    if version == 2:
+        requirements: Any = v2_requirements(pay_to)
+        required = PaymentRequired(resource=ResourceInfo(url=resource), accepts=[requirements])
+    else:
+        requirements = v1_requirements(resource, pay_to)
+        required = PaymentRequiredV1(accepts=[requirements])
+    return requirements, await sdk_client(payer).create_payment_payload(required)
+
+
+async def signed_payment_header(http: httpx.AsyncClient, api_url: str, client: x402Client
+                                ) -> dict[str, str]:
+    """GET `/paid` unpaid (must be a 402), and the `PAYMENT-SIGNATURE` header that pays the
+    offer in its `PAYMENT-REQUIRED`, signed by the SDK `client`."""
+    unpaid = await http.get(f"{api_url}/paid")
+    assert unpaid.status_code == 402, (unpaid.status_code, unpaid.text)
+    required = decode_payment_required_header(unpaid.headers["PAYMENT-REQUIRED"])
+    payload = await client.create_payment_payload(required)
+    return {"PAYMENT-SIGNATURE": encode_payment_signature_header(payload)}
 
 
 # -- assertions on the chain and on our status endpoint -------------------------------------------
@@ -116,6 +145,17 @@ def _lifespan(facilitator: HTTPFacilitatorClient):
         await facilitator.aclose()  # its httpx.AsyncClient lives on the server's loop
 
     return lifespan
+
+
+async def resource_server(serve: Any, facilitator: RunningFacilitator,
+                          build: Callable[[str, str], FastAPI] | None = None) -> tuple[Any, str]:
+    """(server, payTo): a resource server from `build(facilitator_url, pay_to)` (default
+    `v2_app`) for a fresh payee, started with the e2e `serve` fixture (a `ThreadedServer`). The
+    facilitator is a parameter because tests run custom ones (reject policy, receipt timeouts)."""
+    pay_to = Account.create().address
+    builder = build or v2_app
+    api = await serve(lambda: builder(facilitator.url, pay_to))
+    return api, pay_to
 
 
 def v2_routes(pay_to: str, price: Any = "$0.001") -> dict[str, Any]:

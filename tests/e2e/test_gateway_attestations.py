@@ -13,39 +13,13 @@ import base64
 import aiohttp
 import pytest
 from compat.oracles import OgOracle
-from gateway_fixtures import (
-    chat_body,
-    db_rows,
-    gateways,
-    opg_transfers_to,
-    settle_data_sinks,
-)
-from harness import OG_ADMIN_KEY, OgChain, wait_until
+from gateway_fixtures import chat_body, opg_transfers_to
+from harness import OG_ADMIN_KEY, db_fetch, wait_until
 
 from facilitator.core import attestation as att
 from facilitator.devnet import contracts
 from facilitator.devnet.demo import UptoPayer, fetch_signing_key, verify_response
 from facilitator.devnet.gateway import SESSION_HEADER, GatewayFaults
-
-
-@pytest.fixture
-async def gateway_factory(facilitator_factory):
-    async with gateways(facilitator_factory) as make:
-        yield make
-
-
-@pytest.fixture(scope="module")
-async def og_chain(tmp_path_factory):
-    """The OpenGradient chain (registry, relay, blob store), shared by the module."""
-    og = await OgChain.start(tmp_path_factory.mktemp("blobs"))
-    yield og
-    await og.stop()
-
-
-@pytest.fixture
-async def sink_factory():
-    async with settle_data_sinks() as make:
-        yield make
 
 
 TOOLS = [{"type": "function", "function": {
@@ -219,10 +193,10 @@ async def test_settle_data_posts_carry_the_attestation_session_and_cost(
             assert "input" not in payload and "X-Settlement-Job-ID" not in result.headers
 
     async def verified() -> bool:
-        rows = await db_rows(database_url, "SELECT verification FROM attestations")
+        rows = await db_fetch(database_url, "SELECT verification FROM attestations")
         return len(rows) == len(modes) and all(r["verification"] != "pending" for r in rows)
     await wait_until(verified, timeout_s=30, what="our facilitator to verify the attestations")
-    rows = await db_rows(database_url,
+    rows = await db_fetch(database_url,
                          "SELECT verification, session_ref, cost_opg, mode FROM attestations")
     assert {r["verification"] for r in rows} == {"valid"}
     assert {r["session_ref"] for r in rows} == {session_id}
@@ -238,10 +212,10 @@ async def test_our_facilitator_flags_a_forging_gateway(chain, og_chain, facilita
     assert all(p.accepted for p in gateway.settle_data_posts)
 
     async def decided() -> bool:
-        rows = await db_rows(database_url, "SELECT verification FROM attestations")
+        rows = await db_fetch(database_url, "SELECT verification FROM attestations")
         return len(rows) == 2 and all(r["verification"] != "pending" for r in rows)
     await wait_until(decided, timeout_s=30, what="verdicts on the forged attestations")
-    rows = await db_rows(database_url, "SELECT verification FROM attestations")
+    rows = await db_fetch(database_url, "SELECT verification FROM attestations")
     assert {r["verification"] for r in rows} == {"invalid_signature"}
 
 

@@ -17,25 +17,21 @@ import sys
 
 import aiohttp
 import httpx
-import pytest
 from gateway_fixtures import (
     MODEL,
     SdkChatClient,
     chat_body,
-    db_rows,
-    gateways,
     metric_total,
     opg_transfers_to,
     sdk_upto_client,
     settled,
 )
-from harness import OG_ADMIN_KEY, OPG, OgChain, wait_until
+from harness import OG_ADMIN_KEY, OPG, db_fetch, wait_until
 
 from facilitator.devnet import contracts
 from facilitator.devnet.anvil import free_port
 from facilitator.devnet.demo import UptoPayer, demo_request, run_demo
 from facilitator.devnet.gateway import (
-    MODEL_PRICES,
     PAYMENT_REQUIRED_HEADER,
     PAYMENT_SIGNATURE_HEADER,
     SESSION_EXHAUSTED,
@@ -43,33 +39,28 @@ from facilitator.devnet.gateway import (
     GatewayFaults,
     b64json,
     decode_b64json,
-    request_cost,
 )
 from facilitator.devnet.run import Devnet
 
 
-@pytest.fixture
-async def gateway_factory(facilitator_factory):
-    async with gateways(facilitator_factory) as make:
-        yield make
-
-
-@pytest.fixture(scope="module")
-async def og_chain(tmp_path_factory):
-    """The OpenGradient chain (registry, relay, blob store), shared by the module."""
-    og = await OgChain.start(tmp_path_factory.mktemp("blobs"))
-    yield og
-    await og.stop()
-
-
 REQUESTS = 7  # the demo's seventh request offers a tool
+
+# OPG wei per (prompt, completion) token: tee-gateway's model_registry.py USD prices at
+# OPG_USD = 1, written out here so that the emulator's own price table is not its own oracle.
+WEI_PER_TOKEN = {
+    "gpt-4.1": (2_000_000_000_000, 8_000_000_000_000),  # $0.000002 / $0.000008
+}
+# One fixed body and its literal cost: 29 prompt and 10 completion tokens (the emulator's
+# one-token-per-4-characters tokenizer) = 29 * 2e12 + 10 * 8e12 wei.
+SAME_QUESTION = "the same question every time"
+SAME_QUESTION_COST = 138_000_000_000_000
 
 
 def cost_of(response_body: dict) -> int:
-    """The response's cost, checked against the price list and the reported usage."""
+    """The response's cost, checked against the pinned price list and the reported usage."""
     usage = response_body["usage"]
-    expected, _usd = request_cost(MODEL_PRICES[response_body["model"]], usage["prompt_tokens"],
-                                  usage["completion_tokens"])
+    prompt_wei, completion_wei = WEI_PER_TOKEN[response_body["model"]]
+    expected = usage["prompt_tokens"] * prompt_wei + usage["completion_tokens"] * completion_wei
     assert int(response_body["opengradient"]["cost_opg"]) == expected
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     return expected
@@ -87,7 +78,7 @@ async def assert_session_settled_exactly(chain, facilitator, database_url, gatew
     assert int(sender, 16) == int(payer, 16)
     assert amount == sum(costs) == session.outcome.amount
     assert tx.lower() == session.outcome.transaction.lower()
-    [row] = await db_rows(database_url, "SELECT * FROM upto_sessions WHERE pay_to = $1",
+    [row] = await db_fetch(database_url, "SELECT * FROM upto_sessions WHERE pay_to = $1",
                           bytes.fromhex(gateway.pay_to[2:]))
     assert row["verifications"] == 1 and int(row["settled_amount"]) == sum(costs)
     assert row["gateway_session_id"] == session_id
@@ -134,12 +125,12 @@ async def test_sdk_upto_client_pays_one_session_for_many_requests(
 
     # Our facilitator links every attested inference to the paid session and verifies it.
     async def linked() -> bool:
-        rows = await db_rows(database_url, "SELECT session_id, verification FROM attestations")
+        rows = await db_fetch(database_url, "SELECT session_id, verification FROM attestations")
         return len(rows) == REQUESTS and all(
             r["session_id"] is not None and r["verification"] != "pending" for r in rows)
     await wait_until(linked, timeout_s=30, what="attestations linked to the session")
-    [session_row] = await db_rows(database_url, "SELECT id FROM upto_sessions")
-    rows = await db_rows(database_url, "SELECT session_id, verification, cost_opg "
+    [session_row] = await db_fetch(database_url, "SELECT id FROM upto_sessions")
+    rows = await db_fetch(database_url, "SELECT session_id, verification, cost_opg "
                                        "FROM attestations")
     assert {(r["session_id"], r["verification"]) for r in rows} == {(session_row["id"], "valid")}
     assert sum(int(r["cost_opg"]) for r in rows) == gateway.sessions[session_id].accumulated
@@ -164,7 +155,7 @@ async def test_demo_client_pays_and_the_async_settlement_job_moves_the_summed_co
     assert job["result"]["transaction"] == outcome.transaction
     await assert_session_settled_exactly(chain, facilitator, database_url, gateway, session_id,
                                          payer.address, [r.body for r in results])
-    [row] = await db_rows(database_url, "SELECT usage FROM upto_sessions WHERE pay_to = $1",
+    [row] = await db_fetch(database_url, "SELECT usage FROM upto_sessions WHERE pay_to = $1",
                           bytes.fromhex(gateway.pay_to[2:]))
     reported = json.loads(row["usage"])
     assert reported["sessionId"] == session_id and reported["requestCount"] == REQUESTS
@@ -177,14 +168,15 @@ async def test_an_exhausted_session_answers_402_and_a_new_permit_opens_the_next(
         chain, facilitator_factory, gateway_factory):
     facilitator = await facilitator_factory()
     gateway = await gateway_factory(facilitator, idle_timeout_s=60)
-    body = chat_body("the same question every time")
-    cost = gateway.quote(body)
+    body, cost = chat_body(SAME_QUESTION), SAME_QUESTION_COST
+    assert gateway.quote(body) == cost
     gateway.session_cap = 2 * cost + cost // 2  # room for two requests, not three
     payer = await chain.new_upto_payer()
     async with aiohttp.ClientSession() as http:
         client = UptoPayer(payer.key.hex(), http)
         first, second = [await client.chat(gateway.chat_url, body) for _ in range(2)]
         assert first.status == second.status == 200 and first.session_id == second.session_id
+        assert cost_of(first.body) == cost_of(second.body) == cost
         # The third would exceed the cap: refused as og-x402 refuses it, without requirements.
         async with http.post(gateway.chat_url, json=body,
                              headers={SESSION_HEADER: first.session_id}) as refused:
@@ -230,7 +222,7 @@ async def test_the_gateway_settles_what_its_fault_knob_says_not_what_was_served(
         async with aiohttp.ClientSession() as http:
             client = UptoPayer(payer.key.hex(), http)
             results = [await client.chat(gateway.chat_url, demo_request(i)) for i in range(3)]
-        served = sum(int(r.body["opengradient"]["cost_opg"]) for r in results)
+        served = sum(cost_of(r.body) for r in results)
         [outcome] = await gateway.settle_all()
         assert outcome.success and outcome.amount == served + adjust
         [(_, amount, _)] = await opg_transfers_to(chain, gateway.pay_to)
@@ -291,8 +283,8 @@ async def test_concurrent_requests_share_one_verification_and_never_overrun_the_
     many served as the cap holds (the rest get the exhausted 402)."""
     facilitator = await facilitator_factory()
     gateway = await gateway_factory(facilitator, idle_timeout_s=60)
-    body = chat_body("the same question every time")
-    cost = gateway.quote(body)
+    body, cost = chat_body(SAME_QUESTION), SAME_QUESTION_COST
+    assert gateway.quote(body) == cost
     gateway.session_cap = 3 * cost + cost // 2
     payer = await chain.new_upto_payer()
     async with aiohttp.ClientSession() as http:

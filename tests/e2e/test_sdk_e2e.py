@@ -33,7 +33,6 @@ body and retries with `X-PAYMENT`).
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import httpx
 import pytest
@@ -45,16 +44,15 @@ from sdk_parties import (
     assert_paid_once_on_chain,
     assert_status_shows,
     receipt_of,
+    resource_server,
     sdk_client,
+    sdk_payload,
+    signed_payment_header,
     v1_app,
-    v1_requirements,
-    v2_app,
-    v2_requirements,
 )
 from x402.http import FacilitatorConfig, HTTPFacilitatorClient
 from x402.http.clients import x402HttpxClient
 from x402.http.utils import decode_payment_required_header, encode_payment_signature_header
-from x402.schemas import PaymentRequired, ResourceInfo
 from x402.schemas.v1 import PaymentRequiredV1
 
 INSUFFICIENT_BALANCE = "invalid_exact_evm_insufficient_balance"
@@ -64,8 +62,7 @@ NONCE_ALREADY_USED = "invalid_exact_evm_nonce_already_used"
 # -- 1. v2 through the stock SDK middleware -------------------------------------------------------
 
 async def test_v2_sdk_client_pays_sdk_middleware_through_our_facilitator(chain, facilitator, serve):
-    pay_to = Account.create().address
-    api = await serve(lambda: v2_app(facilitator.url, pay_to))
+    api, pay_to = await resource_server(serve, facilitator)
     payer = await chain.new_payer()
     payer_before = await chain.token_balance(payer.address)
 
@@ -103,8 +100,7 @@ async def test_v2_sdk_client_pays_sdk_middleware_through_our_facilitator(chain, 
 
 async def test_v1_sdk_client_pays_v1_resource_server_through_our_facilitator(chain, facilitator,
                                                                               serve):
-    pay_to = Account.create().address
-    api = await serve(lambda: v1_app(facilitator.url, pay_to))
+    api, pay_to = await resource_server(serve, facilitator, v1_app)
     payer = await chain.new_payer()
     payer_before = await chain.token_balance(payer.address)
 
@@ -134,12 +130,9 @@ async def test_v1_sdk_client_pays_v1_resource_server_through_our_facilitator(cha
 async def test_sdk_middleware_ignores_a_v1_x_payment_header(chain, facilitator, serve):
     """Evidence for the v1 finding above: the stock middleware treats a valid v1 `X-PAYMENT`
     as no payment (402, v2 offer again) and nothing reaches the chain."""
-    pay_to = Account.create().address
-    api = await serve(lambda: v2_app(facilitator.url, pay_to))
+    api, pay_to = await resource_server(serve, facilitator)
     payer = await chain.new_payer()
-    requirements = v1_requirements(f"{api.url}/paid", pay_to)
-    payload = await sdk_client(payer).create_payment_payload(
-        PaymentRequiredV1(accepts=[requirements]))
+    _, payload = await sdk_payload(payer, pay_to, version=1, resource=f"{api.url}/paid")
     async with httpx.AsyncClient(timeout=60) as plain:
         response = await plain.get(f"{api.url}/paid",
                                    headers={"X-PAYMENT": encode_payment_signature_header(payload)})
@@ -152,8 +145,7 @@ async def test_sdk_middleware_ignores_a_v1_x_payment_header(chain, facilitator, 
 # -- 3. an invalid payment through the SDK path ---------------------------------------------------
 
 async def test_v2_unfunded_payer_is_refused_with_our_reason(chain, facilitator, serve):
-    pay_to = Account.create().address
-    api = await serve(lambda: v2_app(facilitator.url, pay_to))
+    api, pay_to = await resource_server(serve, facilitator)
     broke = await chain.new_payer(usdc_amount=0)
 
     async with x402HttpxClient(sdk_client(broke), timeout=60) as http:
@@ -167,8 +159,7 @@ async def test_v2_unfunded_payer_is_refused_with_our_reason(chain, facilitator, 
 
 
 async def test_v1_unfunded_payer_is_refused_with_our_reason(chain, facilitator, serve):
-    pay_to = Account.create().address
-    api = await serve(lambda: v1_app(facilitator.url, pay_to))
+    api, pay_to = await resource_server(serve, facilitator, v1_app)
     broke = await chain.new_payer(usdc_amount=0)
 
     async with x402HttpxClient(sdk_client(broke), timeout=60) as http:
@@ -182,16 +173,12 @@ async def test_v1_unfunded_payer_is_refused_with_our_reason(chain, facilitator, 
 async def test_v2_replayed_payment_header_is_refused(chain, facilitator, serve):
     """A buyer (or an eavesdropper) resending a PAYMENT-SIGNATURE that already paid gets 402 and
     is not served again; the chain still shows one Transfer."""
-    pay_to = Account.create().address
-    api = await serve(lambda: v2_app(facilitator.url, pay_to))
+    api, pay_to = await resource_server(serve, facilitator)
     payer = await chain.new_payer()
     client = sdk_client(payer)
 
     async with httpx.AsyncClient(timeout=60) as plain:
-        unpaid = await plain.get(f"{api.url}/paid")
-        required = decode_payment_required_header(unpaid.headers["PAYMENT-REQUIRED"])
-        header = {"PAYMENT-SIGNATURE": encode_payment_signature_header(
-            await client.create_payment_payload(required))}
+        header = await signed_payment_header(plain, api.url, client)
         first = await plain.get(f"{api.url}/paid", headers=header)
         assert first.status_code == 200, first.text
         tx = receipt_of(first, "PAYMENT-RESPONSE").transaction
@@ -215,16 +202,12 @@ async def test_v2_one_payment_presented_concurrently_is_served_once_with_reject_
     for) would serve all five; FACILITATOR_DUPLICATE_SETTLE=reject gives the SDK facilitator's
     at-most-once answer, and this test pins it."""
     facilitator = await facilitator_factory(FACILITATOR_DUPLICATE_SETTLE="reject")
-    pay_to = Account.create().address
-    api = await serve(lambda: v2_app(facilitator.url, pay_to))
+    api, pay_to = await resource_server(serve, facilitator)
     payer = await chain.new_payer()
     client = sdk_client(payer)
 
     async with httpx.AsyncClient(timeout=60) as plain:
-        unpaid = await plain.get(f"{api.url}/paid")
-        required = decode_payment_required_header(unpaid.headers["PAYMENT-REQUIRED"])
-        header = {"PAYMENT-SIGNATURE": encode_payment_signature_header(
-            await client.create_payment_payload(required))}
+        header = await signed_payment_header(plain, api.url, client)
         responses = await asyncio.gather(
             *(plain.get(f"{api.url}/paid", headers=header) for _ in range(5)))
 
@@ -246,9 +229,7 @@ async def test_sdk_facilitator_client_second_settle_is_not_a_success_with_reject
     facilitator = await facilitator_factory(FACILITATOR_DUPLICATE_SETTLE="reject")
     payer = await chain.new_payer()
     pay_to = Account.create().address
-    requirements = v2_requirements(pay_to)
-    payload = await sdk_client(payer).create_payment_payload(PaymentRequired(
-        resource=ResourceInfo(url="http://127.0.0.1/paid"), accepts=[requirements]))
+    requirements, payload = await sdk_payload(payer, pay_to)
     async with HTTPFacilitatorClient(FacilitatorConfig(url=facilitator.url, timeout=60)) as fac:
         first = await fac.settle(payload, requirements)
         again = await fac.settle(payload, requirements)
@@ -266,9 +247,7 @@ async def test_sdk_facilitator_client_second_settle_replays_the_stored_success_b
     recovers it instead of refusing a buyer who paid."""
     payer = await chain.new_payer()
     pay_to = Account.create().address
-    requirements = v2_requirements(pay_to)
-    payload = await sdk_client(payer).create_payment_payload(PaymentRequired(
-        resource=ResourceInfo(url="http://127.0.0.1/paid"), accepts=[requirements]))
+    requirements, payload = await sdk_payload(payer, pay_to)
     async with HTTPFacilitatorClient(FacilitatorConfig(url=facilitator.url, timeout=60)) as fac:
         first = await fac.settle(payload, requirements)
         again = await fac.settle(payload, requirements)
@@ -282,8 +261,7 @@ async def test_sdk_facilitator_client_second_settle_replays_the_stored_success_b
 
 async def test_v2_ten_concurrent_paid_requests(chain, facilitator, serve):
     """Ten requests at once, each paid with its own authorization from one payer."""
-    pay_to = Account.create().address
-    api = await serve(lambda: v2_app(facilitator.url, pay_to))
+    api, pay_to = await resource_server(serve, facilitator)
     payer = await chain.new_payer()
     payer_before = await chain.token_balance(payer.address)
 
@@ -324,9 +302,7 @@ async def test_supported_parsed_by_sdk_facilitator_client(facilitator):
 async def test_sdk_facilitator_client_verify_then_settle_v2(chain, facilitator):
     payer = await chain.new_payer()
     pay_to = Account.create().address
-    requirements = v2_requirements(pay_to)
-    payload = await sdk_client(payer).create_payment_payload(PaymentRequired(
-        resource=ResourceInfo(url="http://127.0.0.1/paid"), accepts=[requirements]))
+    requirements, payload = await sdk_payload(payer, pay_to)
     async with HTTPFacilitatorClient(FacilitatorConfig(url=facilitator.url, timeout=60)) as fac:
         verified = await fac.verify(payload, requirements)
         assert verified.is_valid is True, verified
@@ -343,9 +319,7 @@ async def test_sdk_facilitator_client_verify_then_settle_v2(chain, facilitator):
 async def test_sdk_facilitator_client_verify_then_settle_v1(chain, facilitator):
     payer = await chain.new_payer()
     pay_to = Account.create().address
-    requirements = v1_requirements("http://127.0.0.1/paid", pay_to)
-    payload = await sdk_client(payer).create_payment_payload(
-        PaymentRequiredV1(accepts=[requirements]))
+    requirements, payload = await sdk_payload(payer, pay_to, version=1)
     assert payload.x402_version == 1
     async with HTTPFacilitatorClient(FacilitatorConfig(url=facilitator.url, timeout=60)) as fac:
         verified = await fac.verify(payload, requirements)
@@ -364,16 +338,8 @@ async def test_sdk_facilitator_client_parses_our_refusals(chain, facilitator, ve
     a SettleResponse without `transaction`/`network` would raise FacilitatorResponseError."""
     broke = await chain.new_payer(usdc_amount=0)
     pay_to = Account.create().address
-    if version == 2:
-        requirements: Any = v2_requirements(pay_to)
-        required: Any = PaymentRequired(resource=ResourceInfo(url="http://127.0.0.1/paid"),
-                                        accepts=[requirements])
-        network = NETWORK
-    else:
-        requirements = v1_requirements("http://127.0.0.1/paid", pay_to)
-        required = PaymentRequiredV1(accepts=[requirements])
-        network = V1_NETWORK
-    payload = await sdk_client(broke).create_payment_payload(required)
+    requirements, payload = await sdk_payload(broke, pay_to, version)
+    network = NETWORK if version == 2 else V1_NETWORK
     async with HTTPFacilitatorClient(FacilitatorConfig(url=facilitator.url, timeout=60)) as fac:
         verified = await fac.verify(payload, requirements)
         settled = await fac.settle(payload, requirements)

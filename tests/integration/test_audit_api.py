@@ -30,8 +30,9 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from audit_http import AUDITOR, AUDITOR_TOKEN, OPERATOR, OPERATOR_TOKEN, get_json, sha256_hex
+from bulk import bulk_settlements, stream_export
 from eth_account import Account
-from bulk import bulk_settlements
 from harness import pay
 
 from facilitator.adapters.metrics import Metrics
@@ -40,11 +41,6 @@ from facilitator.audit.routes import add_audit_routes
 from facilitator.audit.tokens import ApiToken, parse_api_tokens, require_role
 from facilitator.http.app import METRICS_KEY, request_context
 from facilitator.protocol.fields import to_checksum
-
-AUDITOR_TOKEN = "aud_" + secrets.token_urlsafe(32)
-OPERATOR_TOKEN = "op_" + secrets.token_urlsafe(32)
-AUDITOR = {"Authorization": f"Bearer {AUDITOR_TOKEN}"}
-OPERATOR = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
 
 BASE = datetime(2025, 3, 1, 0, 0, tzinfo=UTC)
 CHAIN_ID = 84532
@@ -57,10 +53,6 @@ PATHS = {"pending": [], "signed": ["signed"], "broadcast": ["signed", "broadcast
          "included": ["signed", "broadcast", "included"],
          "confirmed": ["signed", "broadcast", "included", "confirmed"],
          "failed": ["failed"], "expired": ["expired"]}
-
-
-def sha256_hex(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def token_config() -> tuple[ApiToken, ...]:
@@ -165,13 +157,6 @@ async def operator_only(request: web.Request) -> web.Response:
 
 
 @pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool_ = await asyncpg.create_pool(database_url, min_size=1, max_size=6)
-    yield pool_
-    await pool_.close()
-
-
-@pytest.fixture
 async def client(pool: asyncpg.Pool) -> AsyncIterator[TestClient]:
     app = web.Application(middlewares=[request_context])
     app[METRICS_KEY] = Metrics()
@@ -184,14 +169,6 @@ async def client(pool: asyncpg.Pool) -> AsyncIterator[TestClient]:
 @pytest.fixture
 async def dataset(pool: asyncpg.Pool) -> list[Row]:
     return await seed_dataset(pool)
-
-
-async def get_json(client: TestClient, path: str, params: dict[str, str] | None = None,
-                   status: int = 200, headers: dict[str, str] = AUDITOR) -> Any:
-    response = await client.get(path, params=params or {}, headers=headers)
-    body = await response.read()
-    assert response.status == status, body[:500]
-    return orjson.loads(body)
 
 
 async def all_pages(client: TestClient, path: str, key: str, params: dict[str, str],
@@ -545,6 +522,8 @@ async def test_detail_has_timeline_confirmations_and_transfers(client: TestClien
                         "blockHash": body["blockHash"], "transaction": row.tx, "logIndex": 3,
                         "asset": ASSETS[0], "from": PAYERS[0], "to": PAY_TOS[0],
                         "amount": "1000", "observedAt": transfer["observedAt"]}
+    assert transfer["observedAt"].endswith("Z"), transfer["observedAt"]
+    assert datetime.fromisoformat(transfer["observedAt"]).utcoffset() == timedelta(0)
 
     body = await get_json(client, f"/v1/settlements/{pending.public_id}")
     assert body["confirmations"] is None and body["transfers"] == []
@@ -727,31 +706,7 @@ async def test_export_failing_midway_is_visibly_truncated(client: TestClient,
 # -- the 100,000-row export, streamed in bounded memory ----------------------------------------
 
 BULK_ROWS = 100_000
-
-
-async def _stream_lines(client: TestClient, fmt: str, separator: bytes,
-                        on_line: Callable[[bytes], None]) -> tuple[int, int, float]:
-    """Download an export chunk by chunk (never holding it whole); returns (bytes, peak heap
-    bytes, seconds) with tracemalloc measuring server, driver and client together."""
-    total = 0
-    tracemalloc.start()
-    tracemalloc.reset_peak()
-    started = time.monotonic()
-    try:
-        async with client.get("/v1/settlements/export", params={"format": fmt},
-                              headers=AUDITOR) as response:
-            assert response.status == 200
-            pending = b""
-            async for chunk in response.content.iter_chunked(64 * 1024):
-                total += len(chunk)
-                *lines, pending = (pending + chunk).split(separator)
-                for line in lines:
-                    on_line(line)
-            assert pending == b""
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    return total, peak, time.monotonic() - started
+EXPORT = "/v1/settlements/export"
 
 
 async def test_exports_of_100k_rows_stream_in_bounded_memory(client: TestClient,
@@ -789,7 +744,8 @@ async def test_exports_of_100k_rows_stream_in_bounded_memory(client: TestClient,
             assert cells == ["" if v is None else str(v) for v in expected[amount].values()]
             state["checked"] += 1
 
-    size, peak, seconds = await _stream_lines(client, "csv", b"\r\n", on_csv_line)
+    size, peak, seconds = await stream_export(client, EXPORT, "csv", b"\r\n", on_csv_line,
+                                              AUDITOR)
     assert state["rows"] == BULK_ROWS and state["sum"] == total_amount
     assert state["checked"] == len(samples)
     print(f"CSV: {BULK_ROWS} rows, {size / 2**20:.1f} MiB streamed in {seconds:.1f} s; "
@@ -810,7 +766,8 @@ async def test_exports_of_100k_rows_stream_in_bounded_memory(client: TestClient,
             assert item == expected[amount]
             state["checked"] += 1
 
-    size, peak, seconds = await _stream_lines(client, "jsonl", b"\n", on_json_line)
+    size, peak, seconds = await stream_export(client, EXPORT, "jsonl", b"\n", on_json_line,
+                                              AUDITOR)
     assert state["rows"] == BULK_ROWS and state["sum"] == total_amount
     assert state["checked"] == len(samples)
     print(f"JSONL: {BULK_ROWS} rows, {size / 2**20:.1f} MiB streamed in {seconds:.1f} s; "

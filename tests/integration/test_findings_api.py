@@ -3,7 +3,7 @@
 JSON Lines exports (one of 40,000 findings streamed in bounded memory), and the session and
 attestation detail shapes with their on-chain evidence.
 
-Findings are produced by the real cross-checker over the planted world of test_crosscheck.py
+Findings are produced by the real cross-checker over the planted world of crosscheck_world.py
 (same schema constraints and settlement transitions); the app under test carries the
 production middleware and the settlement audit routes that install the tokens.
 """
@@ -11,12 +11,8 @@ production middleware and the settlement audit routes that install the tokens.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
-import secrets
-import time
-import tracemalloc
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -25,7 +21,9 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from test_crosscheck import (
+from audit_http import AUDITOR, AUDITOR_TOKEN, OPERATOR, OPERATOR_TOKEN, get_json, sha256_hex
+from bulk import stream_export
+from crosscheck_world import (
     OG_CHAIN,
     PAY_A,
     PAYERS,
@@ -52,15 +50,7 @@ from facilitator.audit.routes import AUDIT_KEY, add_audit_routes
 from facilitator.audit.tokens import parse_api_tokens
 from facilitator.http.app import METRICS_KEY, request_context
 
-AUDITOR_TOKEN = "aud_" + secrets.token_urlsafe(32)
-OPERATOR_TOKEN = "op_" + secrets.token_urlsafe(32)
-AUDITOR = {"Authorization": f"Bearer {AUDITOR_TOKEN}"}
-OPERATOR = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
 BULK_ROWS = 40_000
-
-
-def sha256_hex(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def hx(value: bytes) -> str:
@@ -68,13 +58,6 @@ def hx(value: bytes) -> str:
 
 
 # -- fixtures -------------------------------------------------------------------------------------
-
-@pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool_ = await asyncpg.create_pool(database_url, min_size=1, max_size=6)
-    yield pool_
-    await pool_.close()
-
 
 def make_app(pool: asyncpg.Pool) -> web.Application:
     app = web.Application(middlewares=[request_context])
@@ -107,16 +90,6 @@ async def world(pool: asyncpg.Pool) -> World:
         await unlinked_gap(world, conn)
     await checker_for(world, Metrics()).run_once(*WINDOW)
     return world
-
-
-async def get_json(client: TestClient, path: str, params: dict[str, str] | None = None,
-                   status: int = 200, headers: dict[str, str] = AUDITOR) -> Any:
-    response = await client.get(path, params=params or {}, headers=headers)
-    body = await response.read()
-    assert response.status == status, body[:500]
-    if status == 200:
-        assert response.headers["Cache-Control"] == "no-store"
-    return orjson.loads(body)
 
 
 async def all_findings(client: TestClient, **params: str) -> list[dict[str, Any]]:
@@ -343,35 +316,12 @@ async def test_export_of_40k_findings_streams_in_bounded_memory(client: TestClie
             assert evidence["i"] == state["next"]  # in order: no row twice, none skipped
             state["next"] += 1
 
-        size, peak, seconds = await stream_export(client, fmt, separator, on_line)
+        size, peak, seconds = await stream_export(client, "/v1/findings/export", fmt,
+                                                  separator, on_line, AUDITOR)
         assert state["next"] - 1 == BULK_ROWS, fmt
         print(f"\n{fmt}: {BULK_ROWS} findings, {size / 2**20:.1f} MiB streamed in "
               f"{seconds:.1f} s; peak heap during the download {peak / 2**20:.2f} MiB")
         assert size > 12 * 2**20 and peak < size / 4, (fmt, size, peak)
-
-
-async def stream_export(client: TestClient, fmt: str, separator: bytes,
-                        on_line: Callable[[bytes], None]) -> tuple[int, int, float]:
-    """Download an export chunk by chunk; (bytes, peak heap of server and client, seconds)."""
-    size = 0
-    tracemalloc.start()
-    tracemalloc.reset_peak()
-    started = time.monotonic()
-    try:
-        async with client.get("/v1/findings/export", params={"format": fmt},
-                              headers=AUDITOR) as response:
-            assert response.status == 200
-            pending = b""
-            async for chunk in response.content.iter_chunked(64 * 1024):
-                size += len(chunk)
-                *lines, pending = (pending + chunk).split(separator)
-                for line in lines:
-                    on_line(line)
-            assert pending == b""
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    return size, peak, time.monotonic() - started
 
 
 async def test_exports_beyond_the_shared_limit_get_429(client: TestClient) -> None:

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import asyncpg
 import pytest
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
@@ -28,7 +26,6 @@ from harness import (
     requirements,
     requirements_v1,
     sign_authorization,
-    start_facilitator,
 )
 
 MAX_BODY = 64 * 1024
@@ -40,19 +37,9 @@ async def payer(chain: DevChain) -> LocalAccount:
     return await chain.new_payer()
 
 
-@pytest.fixture(scope="module")
-async def service(chain, pg_cluster, template_db) -> AsyncIterator[RunningFacilitator]:
-    """One facilitator for the whole table (a malformed request changes no state); its own
-    database. Sharing it also proves that the service survives every case in a row."""
-    name = f"malformed_{os.getpid()}_{os.urandom(4).hex()}"
-    admin = await asyncpg.connect(pg_cluster.dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-    finally:
-        await admin.close()
-    running = await start_facilitator(chain, pg_cluster.dsn.rsplit("/", 1)[0] + "/" + name)
-    yield running
-    await running.stop()
+# One facilitator for the whole table, `module_facilitator` (tests/conftest.py: its own
+# database): a malformed request changes no state, and sharing it also proves that the service
+# survives every case in a row.
 
 
 def valid_v2(payer: LocalAccount) -> dict[str, Any]:
@@ -289,30 +276,31 @@ def _assert_invalid_request(response: Any, field: str) -> None:
     assert set(answer) == {"error", "field", "message"}, answer
 
 
-async def test_unmutated_bodies_are_valid(service, payer):
+async def test_unmutated_bodies_are_valid(module_facilitator, payer):
     """Control: the bodies the table mutates are accepted as they are, and so is a body without
     the optional top-level x402Version (the spec's examples omit it)."""
     for make in (valid_v2, valid_v1):
-        assert await service.verify(make(payer)) == {"isValid": True, "payer": payer.address}
+        assert await module_facilitator.verify(make(payer)) == {"isValid": True,
+                                                                "payer": payer.address}
         body = make(payer)
         del body["x402Version"]
-        assert await service.verify(body) == {"isValid": True, "payer": payer.address}
+        assert await module_facilitator.verify(body) == {"isValid": True, "payer": payer.address}
 
 
 @pytest.mark.parametrize("endpoint", ["/verify", "/settle"])
 @pytest.mark.parametrize(("mutate", "field", "make"), [(m, f, mk) for _, m, f, mk in CASES],
                          ids=[i for i, _, _, _ in CASES])
-async def test_malformed_request_is_400_naming_the_field(service, payer, endpoint, mutate,
-                                                         field, make):
+async def test_malformed_request_is_400_naming_the_field(module_facilitator, payer, endpoint,
+                                                         mutate, field, make):
     data = mutate(make(payer))
-    response = await service.http.post(endpoint, content=data,
-                                       headers={"content-type": "application/json"})
+    response = await module_facilitator.http.post(endpoint, content=data,
+                                                  headers={"content-type": "application/json"})
     _assert_invalid_request(response, field)
-    await _assert_still_serving(service, payer)
+    await _assert_still_serving(module_facilitator, payer)
 
 
 @pytest.mark.parametrize("endpoint", ["/verify", "/settle"])
-async def test_oversized_chunked_body_without_content_length(service, payer, endpoint):
+async def test_oversized_chunked_body_without_content_length(module_facilitator, payer, endpoint):
     """No Content-Length to refuse up front: the limit must hold while reading."""
     data = sized(MAX_BODY + 1)(valid_v2(payer))
 
@@ -320,31 +308,31 @@ async def test_oversized_chunked_body_without_content_length(service, payer, end
         for start in range(0, len(data), 4096):
             yield data[start:start + 4096]
 
-    response = await service.http.post(endpoint, content=chunks(),
-                                       headers={"content-type": "application/json"})
+    response = await module_facilitator.http.post(endpoint, content=chunks(),
+                                                  headers={"content-type": "application/json"})
     assert "content-length" not in response.request.headers
     _assert_invalid_request(response, "body")
-    await _assert_still_serving(service, payer)
+    await _assert_still_serving(module_facilitator, payer)
 
 
-async def test_body_of_exactly_64KiB_is_accepted(service, payer):
+async def test_body_of_exactly_64KiB_is_accepted(module_facilitator, payer):
     data = sized(MAX_BODY)(valid_v2(payer))
-    response = await service.http.post("/verify", content=data,
-                                       headers={"content-type": "application/json"})
+    response = await module_facilitator.http.post("/verify", content=data,
+                                                  headers={"content-type": "application/json"})
     assert response.status_code == 200, response.text
     assert response.json() == {"isValid": True, "payer": payer.address}
 
 
 @pytest.mark.parametrize("key", ["garbage", "0x1234", "0x" + "zz" * 32, "0x" + "ab" * 33,
                                  "12345678-1234-1234-1234-12345678901g", "%20", "..%2F..%2Fetc"])
-async def test_settlement_status_with_garbage_id_is_400_naming_id(service, key):
-    response = await service.http.get(f"/settle/{key}")
+async def test_settlement_status_with_garbage_id_is_400_naming_id(module_facilitator, key):
+    response = await module_facilitator.http.get(f"/settle/{key}")
     _assert_invalid_request(response, "id")
 
 
 @pytest.mark.parametrize("key", ["0b1c2d3e-0000-4000-8000-000000000000", "0x" + "ab" * 32])
-async def test_settlement_status_of_unknown_id_is_404_json(service, key):
-    response = await service.http.get(f"/settle/{key}")
+async def test_settlement_status_of_unknown_id_is_404_json(module_facilitator, key):
+    response = await module_facilitator.http.get(f"/settle/{key}")
     assert response.status_code == 404, response.text
     assert response.json()["error"] == "not_found"
     assert "Traceback" not in response.text
@@ -359,17 +347,18 @@ async def test_settlement_status_of_unknown_id_is_404_json(service, key):
     ("PUT", "/settle", {405}),
     ("DELETE", "/supported", {405}),
 ])
-async def test_unknown_routes_and_methods_are_never_500(service, payer, method, path, statuses):
-    response = await service.http.request(method, path, content=b"{}")
+async def test_unknown_routes_and_methods_are_never_500(module_facilitator, payer, method, path,
+                                                        statuses):
+    response = await module_facilitator.http.request(method, path, content=b"{}")
     assert response.status_code in statuses, (response.status_code, response.text)
     assert "Traceback" not in response.text
     if response.headers.get("content-type", "").startswith("application/json"):
         assert isinstance(response.json(), dict)
-    await _assert_still_serving(service, payer)
+    await _assert_still_serving(module_facilitator, payer)
 
 
-async def test_service_answers_after_the_whole_table(service, payer):
+async def test_service_answers_after_the_whole_table(module_facilitator, payer):
     """Runs last in this module: every malformed request above went to this same service."""
-    await _assert_still_serving(service, payer)
-    health = await service.http.get("/health")
+    await _assert_still_serving(module_facilitator, payer)
+    health = await module_facilitator.http.get("/health")
     assert health.status_code == 200 and health.json() == {"status": "ok"}

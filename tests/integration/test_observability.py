@@ -27,7 +27,15 @@ from typing import Any
 import httpx
 import pytest
 from eth_account import Account
-from harness import body_v1, body_v2, pay, requirements, requirements_v1, sign_authorization
+from harness import (
+    body_v1,
+    body_v2,
+    pay,
+    requirements,
+    requirements_v1,
+    sign_authorization,
+    wait_until,
+)
 from prometheus_client.utils import floatToGoString
 
 from facilitator.adapters.metrics import AGE_BUCKETS, FAILURE_EXTRA_CAUSES, PHASES, Metrics
@@ -285,14 +293,22 @@ def test_the_name_checker_catches_typos():
     known = catalog()
     assert unknown_names('sum by (network) (rate(facilitator_settle_requests_total'
                          '{network=~"$network"}[5m]))', known) == []
-    assert unknown_names("facilitator_settle_request_total", known)
-    assert unknown_names('facilitator_rpc_errors_total{network="x"}', known)  # label is `chain`
-    assert unknown_names("sum by (phase) (facilitator_settle_requests_total)", known)
+    assert unknown_names("facilitator_settle_request_total", known) == [
+        "metric 'facilitator_settle_request_total'"]
+    assert unknown_names('facilitator_rpc_errors_total{network="x"}', known) == [
+        "label 'network' of facilitator_rpc_errors_total"]  # the label is `chain`
+    assert unknown_names("sum by (phase) (facilitator_settle_requests_total)", known) == [
+        "grouping label 'phase'"]
     assert unknown_names("histogram_quantile(0.9, sum by (le) (rate("
                          "facilitator_settle_duration_seconds_bucket[5m])))", known) == []
     assert without_thresholds("max(x) < 5e+16 and y >= 10") == "max(x) and y"
-    assert unknown_label_values('facilitator_settlement_failures_total{cause=~"reverted|revert"}')
-    assert unknown_label_values('facilitator_reorg_depth_blocks_bucket{le="2"}')  # it is "2.0"
+    assert unknown_label_values(
+        'facilitator_settlement_failures_total{cause=~"reverted|revert"}') == [
+        "facilitator_settlement_failures_total{cause=~...}: 'revert' is not a value the service"
+        " exports"]
+    assert unknown_label_values('facilitator_reorg_depth_blocks_bucket{le="2"}') == [
+        "facilitator_reorg_depth_blocks_bucket{le=...}: '2' is not a value the service exports",
+    ]  # it is "2.0"
     assert not unknown_label_values('facilitator_settlement_latency_seconds_count'
                                     '{network=~"$network",phase="end_to_end"}')
 
@@ -379,7 +395,8 @@ class Prometheus:
             with contextlib.suppress(httpx.HTTPError):
                 return (await self.http.get("/-/ready")).status_code == 200
             return False
-        await poll(ready, 20, "prometheus to be ready", self)
+        await wait_until(ready, timeout_s=20, interval_s=0.2, what="prometheus to be ready",
+                         detail=self.log_detail)
 
     async def stop(self) -> None:
         await self.http.aclose()
@@ -395,6 +412,10 @@ class Prometheus:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
 
+    def log_detail(self) -> str:
+        """For `wait_until(detail=...)`: the end of prometheus's log."""
+        return f"\nprometheus log:\n{self.log()}"
+
     async def api(self, path: str, **params: Any) -> Any:
         response = await self.http.get(f"/api/v1/{path}", params=params)
         body = response.json()
@@ -405,16 +426,6 @@ class Prometheus:
         data = await self.api("query", query=expr)
         assert data["resultType"] in ("vector", "scalar"), data
         return data["result"] if data["resultType"] == "vector" else [{"value": data["result"]}]
-
-
-async def poll(predicate: Any, timeout_s: float, what: str, prometheus: Prometheus | None = None
-               ) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await predicate():
-        if time.monotonic() > deadline:
-            detail = f"\nprometheus log:\n{prometheus.log()}" if prometheus else ""
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}{detail}")
-        await asyncio.sleep(0.2)
 
 
 def has_data(result: list[dict[str, Any]]) -> bool:
@@ -455,7 +466,8 @@ async def make_traffic(chain, service, server: Prometheus) -> None:
         found = await server.query(
             '{__name__=~"facilitator_(verify|settle)_duration_seconds_count",scheme="exact"} > 0')
         return len(found) == 2
-    await poll(scraped, 10, "the first verify and settle to be scraped", server)
+    await wait_until(scraped, timeout_s=10, interval_s=0.2,
+                     what="the first verify and settle to be scraped", detail=server.log_detail)
 
     # Valid verifies (v2 and v1) and invalid ones for several reasons.
     verifies = [pay(p, pay_to) for p in payers[:4]]
@@ -494,13 +506,9 @@ async def make_traffic(chain, service, server: Prometheus) -> None:
 
     # A receipt that does not come in time: `settlement_pending`, then the final answer.
     body = pay(payers[7], pay_to)
-    await chain.set_automine(False)
-    try:
+    async with chain.manual_mining(mine_on_exit=True):
         pending = await service.settle(body)
         assert pending["errorReason"] == "settlement_pending", pending
-    finally:
-        await chain.set_automine(True)
-        await chain.mine()
     assert (await service.settle(body))["success"] is True
 
     # Bury everything under the confirmation depth (2) for the chain watcher.
@@ -517,7 +525,8 @@ async def test_every_dashboard_and_alert_expression_returns_data(chain, promethe
         targets = (await server.api("targets"))["activeTargets"]
         return any(t["labels"].get("job") == "facilitator" and t["health"] == "up"
                    for t in targets)
-    await poll(target_up, 15, "the facilitator target to be up", server)
+    await wait_until(target_up, timeout_s=15, interval_s=0.2,
+                     what="the facilitator target to be up", detail=server.log_detail)
 
     await make_traffic(chain, service, server)
 
@@ -538,14 +547,14 @@ async def test_every_dashboard_and_alert_expression_returns_data(chain, promethe
             if has_data(await server.query(without_thresholds(concrete(expr)))):
                 del missing[where]
         return not missing
-    try:
-        await poll(all_have_data, DATA_TIMEOUT_S, "every expression to return data", server)
-    except AssertionError:
+
+    def still_missing() -> str:
         lines = [f"  {where}:\n      {without_thresholds(concrete(expr))}"
                  for where, expr in missing.items()]
-        raise AssertionError(f"{len(missing)} of {len(queries)} expressions return no data "
-                             f"(no series, or only NaN) {DATA_TIMEOUT_S:.0f} s after the "
-                             "traffic:\n" + "\n".join(lines)) from None
+        return (f"{len(missing)} of {len(queries)} expressions return no data (no series, or "
+                f"only NaN) {DATA_TIMEOUT_S:.0f} s after the traffic:\n" + "\n".join(lines))
+    await wait_until(all_have_data, timeout_s=DATA_TIMEOUT_S, interval_s=0.2,
+                     what="every expression to return data", detail=still_missing)
 
     for where, metric, label in label_values_variables():
         values = await server.api(f"label/{label}/values", **{"match[]": metric})
@@ -554,7 +563,8 @@ async def test_every_dashboard_and_alert_expression_returns_data(chain, promethe
     async def rules_evaluated() -> bool:
         groups = (await server.api("rules"))["groups"]
         return all(r.get("health") == "ok" for g in groups for r in g["rules"])
-    await poll(rules_evaluated, 10, "every alert rule to evaluate without error", server)
+    await wait_until(rules_evaluated, timeout_s=10, interval_s=0.2,
+                     what="every alert rule to evaluate without error", detail=server.log_detail)
     bad = [(r["name"], r.get("lastError")) for g in (await server.api("rules"))["groups"]
            for r in g["rules"] if r.get("lastError")]
     assert not bad, bad

@@ -19,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import asyncpg
 import pytest
 from eth_abi import encode as abi_encode
 from eth_account import Account
@@ -38,7 +37,6 @@ from harness import (
     requirements,
     requirements_v1,
     sign_authorization,
-    start_facilitator,
 )
 
 from facilitator.devnet import contracts
@@ -78,19 +76,8 @@ async def world(chain: DevChain) -> World:
     return World(payer, name_token, version_token, wallet)
 
 
-@pytest.fixture(scope="module")
-async def shared_facilitator(chain, pg_cluster, template_db) -> RunningFacilitator:
-    """One facilitator (own database) for the stateless off-chain table: creating a database per
-    case costs more than the case itself. Cases use random nonces, so they cannot interfere."""
-    name = f"reasons_{os.getpid()}_{os.urandom(4).hex()}"
-    admin = await asyncpg.connect(pg_cluster.dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-    finally:
-        await admin.close()
-    service = await start_facilitator(chain, pg_cluster.dsn.rsplit("/", 1)[0] + "/" + name)
-    yield service
-    await service.stop()
+# The stateless off-chain table shares one facilitator, `module_facilitator` (tests/conftest.py:
+# its own database). Cases use random nonces, so they cannot interfere.
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -101,10 +88,6 @@ async def post(facilitator: RunningFacilitator, path: str, body: Any) -> dict[st
     assert response.status_code == 200, (path, response.status_code, response.text)
     assert "Traceback" not in response.text
     return response.json()
-
-
-async def sent_by(chain: DevChain, address: str) -> int:
-    return int(await chain.rpc("eth_getTransactionCount", [address, "pending"]), 16)
 
 
 def _check_payer(answer: dict[str, Any], payer: str | None | _Unchecked) -> None:
@@ -128,14 +111,14 @@ async def assert_verify_rejects(facilitator: RunningFacilitator, body: Any, reas
 async def assert_settle_rejects(facilitator: RunningFacilitator, chain: DevChain, body: Any,
                                 reason: str, payer: str | None | _Unchecked,
                                 network: str) -> dict[str, Any]:
-    sent_before = await sent_by(chain, facilitator.signer)
+    sent_before = await chain.tx_count(facilitator.signer)
     answer = await post(facilitator, "/settle", body)
     assert answer["success"] is False, answer
     assert answer["errorReason"] == reason, answer
     assert answer["transaction"] == "", answer
     assert answer["network"] == network, answer
     _check_payer(answer, payer)
-    assert await sent_by(chain, facilitator.signer) == sent_before, "a rejection was broadcast"
+    assert await chain.tx_count(facilitator.signer) == sent_before, "a rejection was broadcast"
     return answer
 
 
@@ -416,12 +399,12 @@ OFFCHAIN_CASES: list[tuple[str, Builder, str]] = [
 
 @pytest.mark.parametrize(("build", "reason"), [(b, r) for _, b, r in OFFCHAIN_CASES],
                          ids=[i for i, _, _ in OFFCHAIN_CASES])
-async def test_offchain_reason_on_verify_and_settle(chain, world, shared_facilitator, build,
+async def test_offchain_reason_on_verify_and_settle(chain, world, module_facilitator, build,
                                                     reason):
     pay_to = Account.create().address
     body, payer, network = build(world.payer, pay_to)
-    await assert_verify_rejects(shared_facilitator, body, reason, payer)
-    await assert_settle_rejects(shared_facilitator, chain, body, reason, payer, network)
+    await assert_verify_rejects(module_facilitator, body, reason, payer)
+    await assert_settle_rejects(module_facilitator, chain, body, reason, payer, network)
     assert await chain.transfer_logs_to(pay_to) == []
 
 
@@ -515,10 +498,10 @@ PRECEDENCE_CASES: list[tuple[str, Builder, str]] = [
 
 @pytest.mark.parametrize(("build", "reason"), [(b, r) for _, b, r in PRECEDENCE_CASES],
                          ids=[i for i, _, _ in PRECEDENCE_CASES])
-async def test_precedence_of_two_faults(chain, world, shared_facilitator, build, reason):
+async def test_precedence_of_two_faults(chain, world, module_facilitator, build, reason):
     pay_to = Account.create().address
     body, _, _ = build(world.payer, pay_to)
-    await assert_verify_rejects(shared_facilitator, body, reason, UNCHECKED)
+    await assert_verify_rejects(module_facilitator, body, reason, UNCHECKED)
 
 
 # -- routing answers: the SDK's choices --------------------------------------------------------
@@ -568,12 +551,12 @@ async def test_routing_rejections_name_the_payer(chain, world, facilitator, case
 
 
 async def test_unsupported_scheme_message_names_the_unsupported_scheme(chain, world,
-                                                                       shared_facilitator):
+                                                                       module_facilitator):
     """The client paid with "exact"; the requirements' scheme "foo" is what is unsupported."""
     pay_to = Account.create().address
     body = _signed_v1(world.payer, pay_to, reqs={**requirements_v1(pay_to, AMOUNT),
                                                   "scheme": "foo"})
-    verdict = await assert_verify_rejects(shared_facilitator, body, "unsupported_scheme",
+    verdict = await assert_verify_rejects(module_facilitator, body, "unsupported_scheme",
                                           UNCHECKED)
     assert "'foo'" in verdict.get("invalidMessage", ""), verdict
 

@@ -4,17 +4,14 @@ never failure, restarts lose nothing, and the signer's nonces never collide."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 
-from collections.abc import AsyncIterator
-
 import asyncpg
-import pytest
 from eth_account import Account
 from harness import (
     DevChain,
     body_v2,
+    db_fetch,
     pay,
     requirements,
     sign_authorization,
@@ -24,31 +21,13 @@ from harness import (
 from facilitator.devnet import contracts
 
 
-@pytest.fixture(scope="module")
-async def chain() -> AsyncIterator[DevChain]:
-    """This module pauses and resumes mining, so it gets its own chain."""
-    devchain = await DevChain.start()
-    yield devchain
-    await devchain.stop()
-
-
-@contextlib.asynccontextmanager
-async def manual_mining(chain: DevChain) -> AsyncIterator[None]:
-    """Blocks only when the test mines them; automine is restored afterwards."""
-    await chain.set_automine(False)
-    try:
-        yield
-    finally:
-        await chain.set_automine(True)
-        await chain.mine()
+# This module pauses and resumes mining (`chain.manual_mining`, blocks only when the test mines
+# them; one more block afterwards): `chain` (tests/conftest.py) is module-scoped, so the chain is
+# this module's own.
 
 
 async def settlement_rows(database_url: str) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(database_url)
-    try:
-        return await conn.fetch("SELECT * FROM settlements ORDER BY id")
-    finally:
-        await conn.close()
+    return await db_fetch(database_url, "SELECT * FROM settlements ORDER BY id")
 
 
 async def test_same_payload_settled_twice_moves_money_once(chain, facilitator):
@@ -83,8 +62,7 @@ async def test_two_hundred_concurrent_payments_settle_without_nonce_errors(
     assert len({a["transaction"] for a in answers}) == 200
     assert len(await chain.transfer_logs_to(pay_to)) == 200
     assert await chain.token_balance(pay_to) == sum(1_000 + i for _ in payers for i in range(10))
-    signer_nonce = int(await chain.rpc("eth_getTransactionCount",
-                                       [facilitator.signer, "latest"]), 16)
+    signer_nonce = await chain.tx_count(facilitator.signer, "latest")
     assert signer_nonce == 200, "one transaction per payment, no gaps, no retries"
     rows = await settlement_rows(database_url)
     assert sorted(r["signer_nonce"] for r in rows) == list(range(200))
@@ -107,7 +85,7 @@ async def test_receipt_timeout_answers_pending_then_the_final_result(chain, faci
     facilitator = await facilitator_factory(FACILITATOR_RECEIPT_TIMEOUT_S="0.5")
     payer, pay_to = await chain.new_payer(), Account.create().address
     body = pay(payer, pay_to)
-    async with manual_mining(chain):
+    async with chain.manual_mining(mine_on_exit=True):
         pending = await facilitator.settle(body)
         assert pending["success"] is False and pending["errorReason"] == "settlement_pending"
         assert pending["transaction"].startswith("0x") and len(pending["transaction"]) == 66
@@ -124,7 +102,7 @@ async def test_restart_between_broadcast_and_receipt_completes_without_resending
     first = await facilitator_factory(signer_key=signer_key, FACILITATOR_RECEIPT_TIMEOUT_S="0.5")
     payer, pay_to = await chain.new_payer(), Account.create().address
     body = pay(payer, pay_to)
-    async with manual_mining(chain):
+    async with chain.manual_mining(mine_on_exit=True):
         pending = await first.settle(body)
         assert pending["errorReason"] == "settlement_pending"
         await first.stop()
@@ -137,7 +115,7 @@ async def test_restart_between_broadcast_and_receipt_completes_without_resending
         await wait_until(included, what="the restarted service to record the inclusion")
         final = await second.settle(body)
     assert final["success"] and final["transaction"] == pending["transaction"]
-    sent = int(await chain.rpc("eth_getTransactionCount", [second.signer, "latest"]), 16)
+    sent = await chain.tx_count(second.signer, "latest")
     assert sent == 1, "the restarted service must not send a second transaction"
     assert len(await chain.transfer_logs_to(pay_to)) == 1
 
@@ -147,7 +125,7 @@ async def test_dropped_transaction_is_resent_with_identical_bytes(chain, facilit
                                             FACILITATOR_RESEND_AFTER_S="0.3")
     payer, pay_to = await chain.new_payer(), Account.create().address
     body = pay(payer, pay_to)
-    async with manual_mining(chain):
+    async with chain.manual_mining(mine_on_exit=True):
         pending = await facilitator.settle(body)
         tx_hash = pending["transaction"]
         raw_before = await chain.rpc("eth_getRawTransactionByHash", [tx_hash])
@@ -179,7 +157,7 @@ async def test_authorization_front_run_before_settle_is_recorded_as_external(
     status = (await facilitator.http.get(f"/settle/{external_tx}")).json()
     assert status["settledBy"] == "external" and status["state"] == "included"
     assert len(await chain.transfer_logs_to(pay_to)) == 1
-    sent = int(await chain.rpc("eth_getTransactionCount", [facilitator.signer, "latest"]), 16)
+    sent = await chain.tx_count(facilitator.signer, "latest")
     assert sent == 0
 
 
@@ -190,7 +168,7 @@ async def test_front_run_while_our_transaction_is_pending(chain, facilitator_fac
     payload = sign_authorization(payer, to=pay_to, value=10_000)
     body = body_v2(payload, requirements(pay_to))
     calldata = _transfer_with_authorization_bytes(payload["authorization"], payload["signature"])
-    async with manual_mining(chain):
+    async with chain.manual_mining(mine_on_exit=True):
         pending = await facilitator.settle(body)
         assert pending["errorReason"] == "settlement_pending"
         front_run = await _send_with_high_tip(chain, outsider, calldata)
@@ -236,7 +214,7 @@ def _transfer_with_authorization_bytes(auth: dict, signature: str) -> bytes:
 
 
 async def _send_with_high_tip(chain: DevChain, account, calldata: bytes) -> str:
-    nonce = int(await chain.rpc("eth_getTransactionCount", [account.address, "pending"]), 16)
+    nonce = await chain.tx_count(account.address)
     tx = {"type": 2, "chainId": 84532, "nonce": nonce, "to": chain.usdc, "value": 0,
           "gas": 200_000, "maxFeePerGas": 200 * 10**9, "maxPriorityFeePerGas": 100 * 10**9,
           "data": calldata}

@@ -6,10 +6,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-import asyncpg
 import pytest
 from eth_account import Account
-from harness import OPG, OWNER_KEY, sign_upto, upto_body, upto_requirements
+from harness import OPG, OWNER_KEY, db_fetch, sign_upto, upto_body, upto_requirements
 
 from facilitator.devnet import contracts
 
@@ -20,12 +19,7 @@ async def opg_balance(chain, holder: str) -> int:
     return await chain.token_balance(holder, OPG)
 
 
-async def rows(database_url: str, sql: str) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(database_url)
-    try:
-        return await conn.fetch(sql)
-    finally:
-        await conn.close()
+rows = db_fetch  # one-shot reads in assertions
 
 
 @pytest.fixture
@@ -96,6 +90,16 @@ async def test_replayed_permit2_nonce_is_refused(chain, facilitator, session):
     assert await opg_balance(chain, pay_to) == 1000
 
 
+# A fragment of each rejection's invalidMessage: it names what is wrong, not just any text.
+MESSAGE_FRAGMENTS = {
+    "expired_deadline": "deadline must be at least", "wrong_facilitator": "witness.facilitator",
+    "wrong_spender": "spender must be", "wrong_pay_to": "witness.to is not payTo",
+    "not_yet_valid": "validAfter is in the future",
+    "cap_below_requirement": f"permitted amount {CAP - 1} is below the required {CAP}",
+    "other_token": "permitted.token", "forged_signature": "does not recover to the owner",
+}
+
+
 @pytest.mark.parametrize(("case", "reason"), [
     ("expired_deadline", "permit2_deadline_expired"),
     ("wrong_facilitator", "upto_facilitator_mismatch"),
@@ -128,8 +132,9 @@ async def test_each_offchain_rejection_names_its_reason(chain, facilitator, sess
         args["signer"] = Account.create()
     payload = sign_upto(payer, **args)
     verdict = await facilitator.verify(upto_body(payload, requirements))
-    assert verdict == {"isValid": False, "invalidReason": reason,
-                       "invalidMessage": verdict.get("invalidMessage"), "payer": payer.address}
+    message = verdict.pop("invalidMessage", None)
+    assert verdict == {"isValid": False, "invalidReason": reason, "payer": payer.address}
+    assert isinstance(message, str) and MESSAGE_FRAGMENTS[case] in message, message
     if case == "cap_below_requirement":
         return  # at settle the amount asked is checked against the cap, not the verify price
     settle = await facilitator.settle(upto_body(payload, requirements, 1000))

@@ -3,31 +3,21 @@
 The off-chain checks use the facilitator's wall clock (SDK 2.25.0: validBefore >= now + 6,
 validAfter <= now); the token checks `validAfter < block.timestamp < validBefore`. Here the chain
 clock is moved ahead of the wall clock (`evm_increaseTime` + `evm_mine`), which anvil cannot undo,
-so this module runs on its own anvil (the `chain` fixture is overridden below).
+so this module runs on its own anvil (the `chain` fixture of tests/conftest.py is module-scoped).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
-import pytest
 from eth_account import Account
 from harness import NETWORK, DevChain, body_v2, requirements, sign_authorization, wait_until
 
 AMOUNT = 10_000
 VALID_BEFORE = "invalid_exact_evm_payload_authorization_valid_before"
 VALID_AFTER = "invalid_exact_evm_payload_authorization_valid_after"
-
-
-@pytest.fixture(scope="module")
-async def chain() -> AsyncIterator[DevChain]:
-    """A dedicated anvil whose clock these tests move forward (never shared with other modules)."""
-    devchain = await DevChain.start()
-    yield devchain
-    await devchain.stop()
 
 
 async def advance_chain(chain: DevChain, seconds: int) -> int:
@@ -38,10 +28,6 @@ async def advance_chain(chain: DevChain, seconds: int) -> int:
     after = await chain.chain_time()
     assert after >= before + seconds, (before, after)
     return after
-
-
-async def sent_by(chain: DevChain, address: str) -> int:
-    return int(await chain.rpc("eth_getTransactionCount", [address, "pending"]), 16)
 
 
 def payment(payer: Any, pay_to: str, **sign_args: Any) -> dict[str, Any]:
@@ -66,14 +52,14 @@ async def test_valid_before_passed_on_chain_but_not_on_wall_clock(chain, facilit
     assert verdict["payer"] == payer.address
     assert "expired" in verdict.get("invalidMessage", ""), verdict
 
-    sent = await sent_by(chain, facilitator.signer)
+    sent = await chain.tx_count(facilitator.signer)
     answer = await facilitator.settle(body)
     assert answer["success"] is False, answer
     assert answer["errorReason"] == VALID_BEFORE, answer
     assert answer["transaction"] == ""
     assert answer["network"] == NETWORK
     assert answer["payer"] == payer.address
-    assert await sent_by(chain, facilitator.signer) == sent, "an expired payment was broadcast"
+    assert await chain.tx_count(facilitator.signer) == sent, "an expired payment was broadcast"
     assert await chain.transfer_logs_to(pay_to) == []
     assert await chain.token_balance(payer.address) == 1_000 * 10**6
 
@@ -99,13 +85,13 @@ async def test_valid_after_in_the_future_by_wall_clock(chain, facilitator):
     assert verdict["isValid"] is False, verdict
     assert verdict["invalidReason"] == VALID_AFTER, verdict
     assert verdict["payer"] == payer.address
-    sent = await sent_by(chain, facilitator.signer)
+    sent = await chain.tx_count(facilitator.signer)
     answer = await facilitator.settle(body)
     assert answer["success"] is False, answer
     assert answer["errorReason"] == VALID_AFTER, answer
     assert answer["transaction"] == ""
     assert answer["network"] == NETWORK
-    assert await sent_by(chain, facilitator.signer) == sent
+    assert await chain.tx_count(facilitator.signer) == sent
     assert await chain.transfer_logs_to(pay_to) == []
 
 
@@ -117,19 +103,16 @@ async def test_authorization_expiring_while_the_transaction_is_pending(chain, fa
     pay_to = Account.create().address
     valid_before = max(int(time.time()), await chain.chain_time()) + 60
     body = payment(payer, pay_to, valid_before=valid_before)
-    sent = await sent_by(chain, facilitator.signer)
-    await chain.set_automine(False)
-    try:
+    sent = await chain.tx_count(facilitator.signer)
+    async with chain.manual_mining():
         settling = asyncio.create_task(facilitator.settle(body))
 
         async def broadcast() -> bool:
-            return await sent_by(chain, facilitator.signer) == sent + 1
+            return await chain.tx_count(facilitator.signer) == sent + 1
 
         await wait_until(broadcast, what="the settlement transaction in the mempool")
         await chain.rpc("evm_setNextBlockTimestamp", [valid_before + 1])
         await chain.rpc("evm_mine", [])
-    finally:
-        await chain.set_automine(True)
     answer = await asyncio.wait_for(settling, 30)
     assert answer["success"] is False, answer
     assert answer["errorReason"] == VALID_BEFORE, answer
@@ -143,4 +126,4 @@ async def test_authorization_expiring_while_the_transaction_is_pending(chain, fa
     assert again["success"] is False
     assert again["errorReason"] == VALID_BEFORE
     assert again["transaction"] == answer["transaction"]
-    assert await sent_by(chain, facilitator.signer) == sent + 1
+    assert await chain.tx_count(facilitator.signer) == sent + 1

@@ -3,14 +3,11 @@ deep-reorg halting, restarts while blocks keep coming, and unmatched transfers."
 
 from __future__ import annotations
 
-import re
 import time
-from collections.abc import AsyncIterator
 
-import asyncpg
 import pytest
 from eth_account import Account
-from harness import DevChain, pay, wait_until
+from harness import DevChain, db_fetch, metric_value, pay, wait_until
 
 from facilitator.devnet import contracts
 from facilitator.devnet.anvil import DEV_KEYS
@@ -20,35 +17,18 @@ FAST_WATCHER = {"FACILITATOR_WATCHER_POLL_INTERVAL_S": "0.05",
                 "FACILITATOR_RESEND_AFTER_S": "0.3"}
 
 
-@pytest.fixture(scope="module")
-async def chain() -> AsyncIterator[DevChain]:
-    """Reorgs rewrite history, so this module has its own chain."""
-    devchain = await DevChain.start()
-    yield devchain
-    await devchain.stop()
+# Reorgs rewrite history: `chain` (tests/conftest.py) is module-scoped, so the chain is this
+# module's own.
 
 
-async def fetch(database_url: str, sql: str, *args: object) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(database_url)
-    try:
-        return await conn.fetch(sql, *args)
-    finally:
-        await conn.close()
+fetch = db_fetch  # one-shot reads in assertions
 
 
 async def state_of(facilitator, tx_or_id: str) -> dict:
     return (await facilitator.http.get(f"/settle/{tx_or_id}")).json()
 
 
-def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one series in a Prometheus exposition (0 when absent)."""
-    selector = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    pattern = rf"^{re.escape(name)}\{{([^}}]*)\}} (\S+)$"
-    total = 0.0
-    for match in re.finditer(pattern, text, re.M):
-        if all(f'{k}="{v}"' in match.group(1) for k, v in labels.items()) or not selector:
-            total += float(match.group(2))
-    return total
+metric = metric_value  # a series' value in a Prometheus exposition (0 when absent)
 
 
 async def test_settlement_is_confirmed_after_n_blocks_with_latency_observed(
@@ -59,7 +39,8 @@ async def test_settlement_is_confirmed_after_n_blocks_with_latency_observed(
     tx = answer["transaction"]
     assert (await state_of(facilitator, tx))["state"] == "included"
     await chain.mine(1)
-    assert (await state_of(facilitator, tx))["state"] == "included", "1 of 3 confirmations"
+    await _caught_up(facilitator, chain)  # the watcher has seen the new block: 2 of 3
+    assert (await state_of(facilitator, tx))["state"] == "included", "2 of 3 confirmations"
     await chain.mine(2)
 
     async def confirmed() -> bool:
@@ -100,8 +81,11 @@ async def test_reorg_reverts_inclusion_and_resends_identical_bytes(
     timeline = [e["to"] for e in (await state_of(facilitator, tx))["timeline"]]
     assert timeline[-3:] == ["included", "broadcast", "included"]
     assert len(await chain.transfer_logs_to(pay_to)) == 1, "counted once on the final chain"
-    transfers = await fetch(database_url, "SELECT count(*) AS n FROM chain_transfers")
-    assert transfers[0]["n"] <= 1, "no orphaned transfer left behind"
+    await _caught_up(facilitator, chain)
+    [settled] = await fetch(database_url, "SELECT block_hash FROM settlements")
+    [transfer] = await fetch(database_url, "SELECT tx_hash, block_hash FROM chain_transfers")
+    assert "0x" + transfer["tx_hash"].hex() == tx, "the re-included transfer is indexed"
+    assert transfer["block_hash"] == settled["block_hash"], "no orphaned transfer left behind"
     text = (await facilitator.http.get("/metrics")).text
     assert metric(text, "facilitator_settlement_failures_total", cause="reorged") >= 1
     assert metric(text, "facilitator_reorg_depth_blocks_count") >= 1

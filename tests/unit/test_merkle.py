@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import random
 
 import pytest
@@ -57,12 +56,10 @@ def leaf_sets(seed: int) -> list[tuple[list[str], list]]:
 
 
 @pytest.fixture(scope="module")
-def oz_runs(request: pytest.FixtureRequest):
+def oz_runs(module_seed: int):
     """(encoding, values, our tree, OZ's answer) for every leaf set, one node process. Module
-    scoped, so it prints its own seed like the `seed` fixture does."""
-    seed = int(os.environ.get("FACILITATOR_TEST_SEED", random.randrange(2**32)))
-    print(f"\n[{request.node.nodeid}] seed={seed} (replay: FACILITATOR_TEST_SEED={seed})")
-    sets = leaf_sets(seed)
+    scoped: its seed comes from `module_seed`, which every failing user's report shows."""
+    sets = leaf_sets(module_seed)
     answers = run_oz([{"op": "build", "encoding": enc, "values": rendered(values)}
                       for enc, values in sets])
     return [(enc, values, StandardMerkleTree.of(values, enc), answer)
