@@ -361,7 +361,8 @@ SETTLEMENT_FIELDS: tuple[tuple[str, str], ...] = (
     ("id", "s.public_id::text"), ("createdAt", iso_column("s.created_at")), ("state", "s.state"),
     ("scheme", "s.scheme"), ("x402Version", "s.x402_version"), ("network", "s.network"),
     ("chainId", "s.chain_id"), ("asset", hex_column("s.asset")), ("payer", hex_column("s.payer")),
-    ("payTo", hex_column("s.pay_to")), ("amount", "s.amount::text"), ("nonce", hex_column("s.nonce")),
+    ("payTo", hex_column("s.pay_to")), ("amount", "s.amount::text"),
+    ("nonce", hex_column("s.nonce")),
     ("validAfter", "s.valid_after::text"), ("validBefore", "s.valid_before::text"),
     ("signature", hex_column("s.signature")), ("transaction", hex_column("s.tx_hash")),
     ("blockNumber", "s.block_number"), ("blockHash", hex_column("s.block_hash")),
@@ -375,12 +376,14 @@ SETTLEMENT_FIELD_NAMES = tuple(name for name, _ in SETTLEMENT_FIELDS)
 TRANSFER_FIELDS: tuple[tuple[str, str], ...] = (
     ("chainId", "t.chain_id"), ("blockNumber", "t.block_number"),
     ("blockHash", hex_column("t.block_hash")), ("transaction", hex_column("t.tx_hash")),
-    ("logIndex", "t.log_index"), ("asset", hex_column("t.asset")), ("from", hex_column("t.from_address")),
+    ("logIndex", "t.log_index"), ("asset", hex_column("t.asset")),
+    ("from", hex_column("t.from_address")),
     ("to", hex_column("t.to_address")), ("amount", "t.amount::text"),
     ("observedAt", iso_column("t.observed_at")))
 
 EVENT_FIELDS: tuple[tuple[str, str], ...] = (
-    ("at", iso_column("e.at")), ("from", "e.from_state"), ("to", "e.to_state"), ("reason", "e.reason"),
+    ("at", iso_column("e.at")), ("from", "e.from_state"), ("to", "e.to_state"),
+    ("reason", "e.reason"),
     ("transaction", hex_column("e.tx_hash")), ("blockNumber", "e.block_number"))
 
 
@@ -408,7 +411,8 @@ _ON_SETTLEMENTS = _Columns(payer="s.payer", pay_to="s.pay_to", asset="s.asset",
 _ON_TRANSFERS = _Columns(payer="t.from_address", pay_to="t.to_address", asset="t.asset",
                          time="t.observed_at", tx="t.tx_hash", amount="t.amount")
 _DIRECTION = {"asc": ("ASC", ">"), "desc": ("DESC", "<")}
-_GROUP_EXPR = {"pay_to": ("s.pay_to", hex_column("s.pay_to")), "payer": ("s.payer", hex_column("s.payer")),
+_GROUP_EXPR = {"pay_to": ("s.pay_to", hex_column("s.pay_to")),
+               "payer": ("s.payer", hex_column("s.payer")),
                "day": ("(s.created_at AT TIME ZONE 'UTC')::date",
                        "to_char((s.created_at AT TIME ZONE 'UTC')::date, 'YYYY-MM-DD')")}
 

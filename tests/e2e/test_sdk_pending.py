@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 
 import pytest
-from eth_account import Account
-from harness import NETWORK, V1_NETWORK, DevChain, RunningFacilitator, wait_until
-from prometheus_client.parser import text_string_to_metric_families
+from harness import NETWORK, V1_NETWORK, RunningFacilitator, metric_value, wait_until
 from sdk_parties import (
     PAID_BODY,
     assert_paid_once_on_chain,
     receipt_of,
+    resource_server,
     sdk_client,
     v1_app,
     v2_app,
@@ -28,6 +26,7 @@ from sdk_parties import (
 from x402.http.clients import x402HttpxClient
 
 PENDING = "settlement_pending"
+SETTLE_ANSWERS = "facilitator_settle_requests_total"
 
 # (app builder, receipt header, wire network)
 VERSIONS = {
@@ -36,35 +35,10 @@ VERSIONS = {
 }
 
 
-@contextlib.asynccontextmanager
-async def manual_mining(chain: DevChain) -> AsyncIterator[None]:
-    await chain.set_automine(False)
-    try:
-        yield
-    finally:
-        await chain.set_automine(True)
-
-
-async def settle_answers(facilitator: RunningFacilitator) -> dict[str, float]:
-    """`facilitator_settle_requests_total` from our /metrics, keyed by result/reason."""
+async def settle_answers(facilitator: RunningFacilitator) -> tuple[float, float]:
+    """(`settlement_pending` answers, all answers) of our /settle, from our /metrics."""
     text = (await facilitator.http.get("/metrics")).text
-    counts: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        if family.name != "facilitator_settle_requests":
-            continue
-        for sample in family.samples:
-            if sample.name.endswith("_total"):
-                key = f"{sample.labels['result']}/{sample.labels['reason']}"
-                counts[key] = counts.get(key, 0) + sample.value
-    return counts
-
-
-def pending_answers(counts: dict[str, float]) -> float:
-    return sum(v for k, v in counts.items() if k.endswith("/" + PENDING))
-
-
-async def signer_sent(chain: DevChain, facilitator: RunningFacilitator) -> int:
-    return int(await chain.rpc("eth_getTransactionCount", [facilitator.signer, "pending"]), 16)
+    return metric_value(text, SETTLE_ANSWERS, reason=PENDING), metric_value(text, SETTLE_ANSWERS)
 
 
 @pytest.mark.parametrize("version", list(VERSIONS))
@@ -74,17 +48,17 @@ async def test_retry_after_pending_returns_the_same_transaction(chain, facilitat
     receipt names the one transaction that was broadcast."""
     build, header, network = VERSIONS[version]
     facilitator = await facilitator_factory(FACILITATOR_RECEIPT_TIMEOUT_S="1")
-    pay_to = Account.create().address
-    api = await serve(lambda: build(facilitator.url, pay_to))
+    api, pay_to = await resource_server(serve, facilitator, build)
     payer = await chain.new_payer()
 
     async def mine_after_first_pending() -> None:
         async def pending_seen() -> bool:
-            return pending_answers(await settle_answers(facilitator)) >= 1
+            pending, _ = await settle_answers(facilitator)
+            return pending >= 1
         await wait_until(pending_seen, timeout_s=30, what="a settlement_pending answer")
         await chain.mine()
 
-    async with manual_mining(chain):
+    async with chain.manual_mining():
         miner = asyncio.create_task(mine_after_first_pending())
         try:
             async with x402HttpxClient(sdk_client(payer), timeout=60) as http:
@@ -99,10 +73,10 @@ async def test_retry_after_pending_returns_the_same_transaction(chain, facilitat
     assert paid.json() == PAID_BODY
     receipt = receipt_of(paid, header)
     assert receipt.success is True and receipt.network == network, receipt
-    counts = await settle_answers(facilitator)
-    assert pending_answers(counts) == 1, counts  # the first answer was pending ...
-    assert sum(counts.values()) == 2, counts  # ... and the SDK retried exactly once
-    assert await signer_sent(chain, facilitator) == 1, "the retry must not broadcast again"
+    pending, answers = await settle_answers(facilitator)
+    assert pending == 1, (pending, answers)  # the first answer was pending ...
+    assert answers == 2, (pending, answers)  # ... and the SDK retried exactly once
+    assert await chain.tx_count(facilitator.signer) == 1, "the retry must not broadcast again"
     await assert_paid_once_on_chain(chain, payer.address, pay_to, receipt.transaction)
 
 
@@ -113,11 +87,10 @@ async def test_still_pending_after_retry_names_the_transaction_then_settles(
     buyer sees 402 with a receipt naming it, and once mined our status endpoint reports it."""
     build, header, network = VERSIONS[version]
     facilitator = await facilitator_factory(FACILITATOR_RECEIPT_TIMEOUT_S="0.5")
-    pay_to = Account.create().address
-    api = await serve(lambda: build(facilitator.url, pay_to))
+    api, pay_to = await resource_server(serve, facilitator, build)
     payer = await chain.new_payer()
 
-    async with manual_mining(chain):
+    async with chain.manual_mining():
         async with x402HttpxClient(sdk_client(payer), timeout=60) as http:
             response = await http.get(f"{api.url}/paid")
         assert response.status_code == 402, (response.text, dict(response.headers))
@@ -126,9 +99,10 @@ async def test_still_pending_after_retry_names_the_transaction_then_settles(
         assert receipt.network == network
         tx = receipt.transaction
         assert tx.startswith("0x") and len(tx) == 66
-        counts = await settle_answers(facilitator)
-        assert pending_answers(counts) == 2, counts  # the first answer and the SDK's one retry
-        assert await signer_sent(chain, facilitator) == 1, "the retry must not broadcast again"
+        pending, answers = await settle_answers(facilitator)
+        # the first answer and the SDK's one retry
+        assert pending == 2 and answers == 2, (pending, answers)
+        assert await chain.tx_count(facilitator.signer) == 1, "the retry must not broadcast again"
         assert await chain.rpc("eth_getTransactionByHash", [tx]) is not None
         await chain.mine()
 

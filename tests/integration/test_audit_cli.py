@@ -14,6 +14,7 @@ from pathlib import Path
 import asyncpg
 import orjson
 import pytest
+from harness import db_fetch
 
 from facilitator.audit import cli
 from facilitator.audit.cli import add_audit_parser, run_audit
@@ -113,12 +114,13 @@ async def test_settlements_paging_through_the_cli(db: str,
 
 async def test_settlement_detail(db: str, database_url: str,
                                  capsys: pytest.CaptureFixture[str]) -> None:
+    [settlement] = await db_fetch(database_url, "SELECT public_id::text, block_number "
+                                  "FROM settlements WHERE amount = 4")
+    public_id, block = settlement["public_id"], settlement["block_number"]
     conn = await asyncpg.connect(database_url)
     try:
-        public_id = await conn.fetchval("SELECT public_id::text FROM settlements WHERE amount = 4")
         await conn.execute("""INSERT INTO chain_cursors (chain_id, network, head_number,
                               head_hash) VALUES (84532, 'eip155:84532', 1000, $1)""", b"\0" * 32)
-        block = await conn.fetchval("SELECT block_number FROM settlements WHERE amount = 4")
     finally:
         await conn.close()
     code, out, err = await run(capsys, "settlement", public_id)
