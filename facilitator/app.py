@@ -122,7 +122,7 @@ class Facilitator:
             network = runtime.settings.network
             await _expect_chain(runtime.chain, network.chain_id, f"the RPC of {network.key}")
             await runtime.broadcaster.start()
-            await runtime.settler.recover(runtime.schemes)
+            await runtime.settler.recover()
             self._spawn(runtime.broadcaster.run(), f"broadcaster:{runtime.settings.network.key}")
             self._spawn(runtime.tracker.run(), f"tracker:{runtime.settings.network.key}")
             if self.settings.watcher_enabled:
@@ -232,7 +232,8 @@ def _build_network(ns: NetworkSettings, settings: Settings, store: Store,
                       resend_after_s=settings.resend_after_s)
     tracker.signer = settings.signer_key.address
     settler = Settler(network=network, chain=chain, store=store, sessions=sessions, board=board,
-                      broadcaster=broadcaster, tracker=tracker, metrics=metrics,
+                      broadcaster=broadcaster, tracker=tracker, schemes=schemes,
+                      metrics=metrics,
                       policy=SettlePolicy(receipt_timeout_s=settings.receipt_timeout_s,
                                           gas_limit_cap=settings.gas_limit_cap,
                                           duplicates=settings.duplicate_settle))
@@ -240,8 +241,6 @@ def _build_network(ns: NetworkSettings, settings: Settings, store: Store,
     # Rows a reorg moved back are adopted by the tracker: at once from this process's watcher,
     # by its periodic sweep when the watcher runs elsewhere (`facilitator watch`).
     payment_logs.on_reorged = tracker.adopt
-    tracker.recover_pending = lambda row: settler._recover_pending(  # noqa: SLF001
-        row, schemes.get(row.scheme))
     tracker.on_sweep = lambda: broadcaster.refresh_balance(min_interval_s=10.0)
     return _NetworkRuntime(ns, chain, broadcaster, tracker, settler, schemes, watcher)
 

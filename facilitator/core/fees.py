@@ -1,8 +1,9 @@
 """The EIP-1559 fee rule for the facilitator's own transactions. Pure.
 
 `maxFeePerGas` = 2 x base fee + tip survives six full blocks of base-fee growth (+12.5% each),
-and is never above the operator's cap; the tip is never above the max fee. The payment
-broadcaster (`services/broadcaster.py`, `Broadcaster._max_fee`) applies the same rule.
+and is never above the operator's cap; the tip is never above the max fee. The one rule of the
+payment broadcaster (`services/broadcaster.py`: its transactions and nonce fillers) and of the
+OpenGradient data relay (`services/datarelay.py`).
 """
 
 from __future__ import annotations

@@ -29,6 +29,8 @@ from typing import Any
 from facilitator.adapters.metrics import Metrics
 from facilitator.adapters.signer import SignedTx, SignerKey, TxFields, sign_eip1559
 from facilitator.adapters.store import SettlementRow, Signed, Store
+from facilitator.core.fees import capped_max_fee, capped_priority_fee
+from facilitator.core.send_errors import already_known, insufficient_funds, nonce_taken
 from facilitator.core.settlement import Rejected
 from facilitator.ports import Chain, RpcError, RpcUnavailable
 from facilitator.protocol.networks import Network
@@ -170,9 +172,12 @@ class Broadcaster:
                           balance=int(balance, 16), pending_nonce=int(pending, 16))
 
     def _max_fee(self, base_fee: int) -> int:
-        """2 x base fee + tip survives six full blocks of base-fee growth; capped by config."""
-        wanted = 2 * base_fee + self._policy.priority_fee_wei
-        return min(wanted, self._policy.max_fee_per_gas_cap_wei)
+        """The shared fee rule (`core.fees`): 2 x base fee + tip, capped by config."""
+        return capped_max_fee(base_fee, self._policy.priority_fee_wei,
+                              self._policy.max_fee_per_gas_cap_wei)
+
+    def _priority_fee(self, max_fee: int) -> int:
+        return capped_priority_fee(self._policy.priority_fee_wei, max_fee)
 
     async def _refuse_unaffordable(self, batch: list[Job], balance: int, max_fee: int
                                    ) -> list[Job]:
@@ -200,7 +205,7 @@ class Broadcaster:
         for job in jobs:
             tx = sign_eip1559(self.key, TxFields(
                 chain_id=self.network.chain_id, nonce=self._next_nonce,
-                max_priority_fee_per_gas=min(self._policy.priority_fee_wei, max_fee),
+                max_priority_fee_per_gas=self._priority_fee(max_fee),
                 max_fee_per_gas=max_fee, gas_limit=job.gas_limit, to=job.row.call_to, value=0,
                 data=job.row.calldata))
             self._next_nonce += 1
@@ -238,7 +243,7 @@ class Broadcaster:
             return
         accepted, problems = [], []
         for (job, tx), answer in zip(signed, answers, strict=True):
-            if isinstance(answer, RpcError) and not _already_known(answer):
+            if isinstance(answer, RpcError) and not already_known(answer.message):
                 problems.append((job, tx, answer))
             else:
                 accepted.append((job, tx))
@@ -255,7 +260,7 @@ class Broadcaster:
         highest_sent = max(sent_nonces, default=-1)
         reusable: list[int] = []  # refused nonces above everything sent: no hole, reuse them
         for job, tx, error in problems:
-            if _nonce_taken(error):
+            if nonce_taken(error.message):
                 if await self._node_knows(tx):  # ours after all (an earlier attempt sent it)
                     await self._store.mark_broadcast([job.row.id])
                     self.on_sent(job, tx, True)
@@ -272,7 +277,7 @@ class Broadcaster:
     async def _refused(self, job: Job, error: RpcError) -> None:
         """The node refused the transaction. An empty signer (drained since our last balance
         read) is reported as such: it is the operator's problem, not the payment's."""
-        if "insufficient funds" in error.message.lower():
+        if insufficient_funds(error.message):
             self._metrics.signer_underfunded.labels(self.network.key).inc()
             self._metrics.settlement_failures.labels(self.network.key, "signer_underfunded").inc()
             await self._fail(job, Reason.UNEXPECTED_SETTLE_ERROR,
@@ -301,13 +306,13 @@ class Broadcaster:
     async def _resign(self, job: Job, cause: str) -> None:
         """The node proved these bytes can never be mined: same authorization, new transaction."""
         self._metrics.signer_nonce_resets.labels(self.network.key, cause).inc()
-        if job.resigns >= MAX_RESIGNS or not await self._store.mark_needs_resign(job.row.id):
+        fresh = await self._store.mark_needs_resign(job.row.id) \
+            if job.resigns < MAX_RESIGNS else None
+        if fresh is None:
             self._metrics.settlement_failures.labels(self.network.key, "send_rejected").inc()
             await self._fail(job, Reason.UNEXPECTED_SETTLE_ERROR,
                              "settlement transaction could not be placed after re-signing")
             return
-        fresh = await self._store.get(job.row.id)
-        invariant(fresh is not None, "a claimed row never disappears")
         self.submit(Job(row=fresh, gas_limit=job.gas_limit, resigns=job.resigns + 1))
 
     def resubmit(self, row: SettlementRow, gas_limit: int) -> None:
@@ -318,7 +323,7 @@ class Broadcaster:
         """Consume `nonce` with a zero-value self-transfer so later transactions are not stuck."""
         tx = sign_eip1559(self.key, TxFields(
             chain_id=self.network.chain_id, nonce=nonce,
-            max_priority_fee_per_gas=min(self._policy.priority_fee_wei, max_fee),
+            max_priority_fee_per_gas=self._priority_fee(max_fee),
             max_fee_per_gas=max_fee, gas_limit=FILLER_GAS, to=self.address, value=0, data=b""))
         try:
             await self._chain.request("eth_sendRawTransaction", ["0x" + tx.raw.hex()])
@@ -342,17 +347,6 @@ def _signed_record(job: Job, tx: SignedTx, signer: str) -> Signed:
     return Signed(settlement_id=job.row.id, signer=signer, signer_nonce=tx.fields.nonce,
                   tx_hash=tx.tx_hash, raw_tx=tx.raw, gas_limit=tx.fields.gas_limit,
                   max_fee_per_gas=tx.fields.max_fee_per_gas)
-
-
-def _already_known(error: RpcError) -> bool:
-    text = error.message.lower()
-    return "already known" in text or "known transaction" in text or "already imported" in text
-
-
-def _nonce_taken(error: RpcError) -> bool:
-    text = error.message.lower()
-    return "nonce too low" in text or "replacement transaction underpriced" in text \
-        or "nonce has already been used" in text
 
 
 async def _safe_get(store: Store, settlement_id: int) -> Any:

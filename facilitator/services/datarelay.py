@@ -40,10 +40,10 @@ from facilitator.core.fees import capped_max_fee, capped_priority_fee
 from facilitator.core.merkle import StandardMerkleTree
 from facilitator.core.og_events import batch_settle_call, settle_individual_call
 from facilitator.core.receipts import receipt_succeeded
+from facilitator.core.send_errors import already_known, nonce_taken
 from facilitator.invariant import invariant
 from facilitator.ports import Chain, RpcError, RpcUnavailable
 from facilitator.protocol.fields import to_checksum
-from facilitator.services.broadcaster import _already_known, _nonce_taken
 
 log = logging.getLogger("facilitator.relay")
 
@@ -165,7 +165,7 @@ class DataRelay:
         try:
             await self._chain.request("eth_sendRawTransaction", ["0x" + raw.hex()])
         except RpcError as exc:
-            if not _already_known(exc):
+            if not already_known(exc.message):
                 return exc
         await self._store.broadcast(submission_id, tx_hash)
         return None
@@ -194,7 +194,7 @@ class DataRelay:
         refusal = await self._send(submission.id, submission.raw_tx or b"", tx_hash)
         if refusal is None:
             return
-        if _nonce_taken(refusal):
+        if nonce_taken(refusal.message):
             await self._nonce_taken(submission)
         else:
             log.warning("relay re-send %d refused: %s", submission.id, refusal.message)

@@ -75,9 +75,10 @@ class SettlePolicy:
 class Settler:
     def __init__(self, *, network: Network, chain: Chain, store: Store, sessions: SessionStore,
                  board: OutcomeBoard, broadcaster: Broadcaster, tracker: Tracker,
-                 metrics: Metrics, policy: SettlePolicy,
+                 schemes: Mapping[str, Scheme], metrics: Metrics, policy: SettlePolicy,
                  clock: Callable[[], float] = time.time) -> None:
         self.network = network
+        self._schemes = schemes  # this network's, by name: what recovery checks rows with
         self._clock = clock
         self._chain = chain
         self._sessions = sessions
@@ -90,6 +91,7 @@ class Settler:
         broadcaster.on_sent = self._on_sent
         broadcaster.reserved_wei = tracker.reserved_wei
         tracker.resign = self._resign
+        tracker.recover_pending = self.recover_pending
         tracker.fill_nonce = broadcaster.fill_nonce
 
     async def settle(self, scheme: Scheme, checked: Checked, wire_network: str,
@@ -115,11 +117,16 @@ class Settler:
 
     async def _record_usage(self, row: SettlementRow, scheme: Scheme, checked: Checked,
                             usage: UsageMetadata | None) -> None:
+        """This attempt's session amount and usage report, before the on-chain checks (readers
+        count them only through the settlement's state). Only the owner of a new or reclaimed
+        pending row gets here: a failed earlier attempt's report is replaced or removed."""
         if scheme.traits.sessions:
             await self._sessions.record_settled(checked.intent, self._broadcaster.address,
                                                 row.id, usage)
         if usage is not None:
             await self._sessions.record_usage(row.id, usage)
+        elif row.attempts > 1:  # reclaimed: the usage stored is a failed attempt's
+            await self._sessions.forget_usage(row.id)
 
     async def _continue_existing(self, row: SettlementRow, checked: Checked, wire_network: str
                                  ) -> SettlementRow | SettleResponse:
@@ -322,30 +329,19 @@ class Settler:
         self._tracker.watch(InFlight.from_signed(job.row, tx, known_to_node=known))
 
     async def _resign(self, settlement_id: int) -> None:
-        if not await self._store.mark_needs_resign(settlement_id):
-            return
-        row = await self._store.get(settlement_id)
+        row = await self._store.mark_needs_resign(settlement_id)
         if row is not None:
             self._broadcaster.resubmit(row, row.gas_limit or self._policy.gas_limit_cap)
 
     # -- recovery -----------------------------------------------------------------------------
 
-    async def track_again(self, settlement_ids: list[int]) -> None:
-        """Settlements a reorg moved back to `broadcast`: follow them again (the tracker re-sends
-        their stored bytes if the node dropped them, or lets them expire)."""
-        for settlement_id in settlement_ids:
-            row = await self._store.get(settlement_id)
-            if row is not None and row.state == State.BROADCAST and row.raw_tx is not None:
-                self._tracker.watch(InFlight.from_row(row, known_to_node=False, check_now=True))
-
-    async def recover(self, schemes: Mapping[str, Scheme]) -> int:
-        """Resume every unfinished row of this network (`schemes`: this network's, by name);
-        returns how many."""
+    async def recover(self) -> int:
+        """Resume every unfinished row of this network; returns how many."""
         rows = await self._store.unfinished(self.network.chain_id)
         for row in rows:
             self._board.expect(row.id, _key(row))
             if row.state == State.PENDING:
-                await self._recover_pending(row, schemes.get(row.scheme))
+                await self.recover_pending(row)
             else:
                 known = row.state == State.BROADCAST
                 self._tracker.watch(InFlight.from_row(row, known_to_node=known, check_now=True))
@@ -353,28 +349,36 @@ class Settler:
             log.warning("recovered %d unfinished settlements on %s", len(rows), self.network.key)
         return len(rows)
 
-    async def _recover_pending(self, row: SettlementRow, scheme: Scheme | None) -> None:
-        """A row claimed but never signed: expired, or checked again as a settlement (the chain
-        may have moved) and sent, or refused as /settle refuses it."""
+    async def recover_pending(self, row: SettlementRow) -> None:
+        """A row claimed but never signed (start-up recovery, or adopted by the tracker's
+        sweep): expired, or checked again as a settlement by its scheme (the chain may have
+        moved) and sent, or refused as /settle refuses it."""
         if self._clock() >= row.valid_before:
-            reason = traits_of(row.transfer_method).expired_reason
-            message = "recovery: the authorization expired before it was sent"
-            self._count_failure("expired")
-            await self._store.mark_failed(row.id, str(reason), message, expired=True)
-            self._board.resolve(row.id, Rejected(reason, message))
+            await self._expire_unsent(row)
             return
-        try:
-            if scheme is None:
-                gas: int | Rejection = Rejection(
-                    Reason.UNEXPECTED_SETTLE_ERROR, f"scheme {row.scheme!r} is not served here")
-            else:
-                gas = await self._check_before_broadcast(scheme, _recheck(row))
-        except Exception as exc:  # noqa: BLE001 - nothing was sent: refuse rather than orphan
-            gas = self._unexpected(row, exc)
+        gas = await self._recheck_gas(row)
         if isinstance(gas, Rejection):
             await self._conclude_refusal(row, gas)
             return
         self._broadcaster.resubmit(row, gas)
+
+    async def _expire_unsent(self, row: SettlementRow) -> None:
+        reason = traits_of(row.transfer_method).expired_reason
+        message = "recovery: the authorization expired before it was sent"
+        self._count_failure("expired")
+        await self._store.mark_failed(row.id, str(reason), message, expired=True)
+        self._board.resolve(row.id, Rejected(reason, message))
+
+    async def _recheck_gas(self, row: SettlementRow) -> int | Rejection:
+        """The row's scheme's settlement checks at the current chain state."""
+        scheme = self._schemes.get(row.scheme)
+        if scheme is None:
+            return Rejection(Reason.UNEXPECTED_SETTLE_ERROR,
+                             f"scheme {row.scheme!r} is not served here")
+        try:
+            return await self._check_before_broadcast(scheme, _recheck(row))
+        except Exception as exc:  # noqa: BLE001 - nothing was sent: refuse rather than orphan
+            return self._unexpected(row, exc)
 
 
 def _key(row: SettlementRow) -> tuple[str, str, bytes]:

@@ -9,8 +9,10 @@ Guarantees:
   authorization (EIP-3009 AuthorizationUsed) and moved the money, the payment is recorded as
   settled by that transaction (settled_by = external) — neither lost nor settled twice.
 - A transaction the node no longer knows (dropped, node restart) is re-sent with the identical
-  stored bytes while the authorization is valid; afterwards the row ends `expired` and the
-  signer nonce it held is filled so later transactions are not stuck.
+  stored bytes while the authorization is valid; afterwards the row ends `expired` (with its
+  transfer method's expiry reason: `schemes.common.traits_of`) and the signer nonce it held is
+  filled so later transactions are not stuck. A node's refusal of a re-send is classified by
+  `core.send_errors`, as the broadcaster's and the data relay's are.
 - Unfinished rows nobody in this process holds are adopted: those a reorg moved back (handed
   over by the in-process watcher, `adopt`), and, every `adopt_interval_s`, any found in the
   database (`sweep`: a watcher in another process, a lost task). Signed/broadcast rows are
@@ -36,10 +38,12 @@ from facilitator.core.receipts import (
     find_transfer_log,
     receipt_succeeded,
 )
+from facilitator.core.send_errors import already_known, nonce_taken
 from facilitator.core.settlement import Rejected, Settled, SettledBy, State, Unknown
 from facilitator.ports import Chain, RpcError, RpcUnavailable
 from facilitator.protocol.networks import Network
 from facilitator.protocol.reasons import Reason
+from facilitator.schemes.common import MethodTraits, traits_of
 from facilitator.services.outcomes import OutcomeBoard
 from facilitator.invariant import invariant
 
@@ -63,11 +67,7 @@ class InFlight:
     known_to_node: bool  # False while a send got no answer (row still `signed`)
     sent_at: float  # monotonic
     last_seen_at: float
-    permit2: bool = False  # upto/Permit2: no AuthorizationUsed event, other failure reason
-
-    @property
-    def failure_reason(self) -> Reason:
-        return Reason.UPTO_TRANSACTION_FAILED if self.permit2 else Reason.TRANSACTION_FAILED
+    traits: MethodTraits  # the transfer method's: failure and expiry reasons, front-running
 
     @property
     def hash_hex(self) -> str:
@@ -87,7 +87,7 @@ class InFlight:
                    auth_nonce=row.nonce, valid_before=row.valid_before,
                    known_to_node=known_to_node, sent_at=now,
                    last_seen_at=float("-inf") if check_now else now,
-                   permit2=row.transfer_method == "permit2")
+                   traits=traits_of(row.transfer_method))
 
     @classmethod
     def from_signed(cls, row: SettlementRow, tx: SignedTx, *, known_to_node: bool) -> InFlight:
@@ -99,7 +99,7 @@ class InFlight:
                    expected=ExpectedTransfer(row.asset, row.payer, row.pay_to, row.amount),
                    auth_nonce=row.nonce, valid_before=row.valid_before,
                    known_to_node=known_to_node, sent_at=now, last_seen_at=now,
-                   permit2=row.transfer_method == "permit2")
+                   traits=traits_of(row.transfer_method))
 
 
 class Tracker:
@@ -128,7 +128,7 @@ class Tracker:
         self.resign: Callable[[int], Awaitable[None]] = _noop_resign
         self.fill_nonce: Callable[[int, int], Awaitable[None]] = _noop_fill
         # The settler's recovery of a pending row: expire, record an external settlement,
-        # refuse, or check and send a new transaction (wired).
+        # refuse, or check and send a new transaction (set by the `Settler`, as `resign` is).
         self.recover_pending: Callable[[SettlementRow], Awaitable[None]] = _noop_recover
         # Periodic work of the serving process, run with each sweep (watcher or not).
         self.on_sweep: Callable[[], Awaitable[None]] = _nothing
@@ -264,7 +264,7 @@ class Tracker:
                                         ) -> Inclusion | None:
         """Did another transaction consume this authorization (front-running)? Only EIP-3009
         authorizations can be; the upto proxy only accepts its witness's facilitator (us)."""
-        if item.permit2:
+        if not item.traits.front_runnable:
             return None
         found = await find_external_settlement(
             self._chain, item.settlement_id, item.expected, item.auth_nonce,
@@ -279,11 +279,11 @@ class Tracker:
         mined_at = int(block["timestamp"], 16) if isinstance(block, dict) else 0
         mined_in = int(receipt["blockNumber"], 16)
         if mined_at > item.valid_before:
-            await self._finish_failed(item, Reason.VALID_BEFORE_EXPIRED,
+            await self._finish_failed(item, item.traits.expired_reason,
                                       "transaction mined after the authorization expired",
                                       expired=True, block_number=mined_in)
         else:
-            await self._finish_failed(item, item.failure_reason,
+            await self._finish_failed(item, item.traits.failure_reason,
                                       "settlement transaction reverted", block_number=mined_in)
 
     def _count_failure(self, cause: str) -> None:
@@ -292,7 +292,7 @@ class Tracker:
     async def _finish_failed(self, item: InFlight, reason: Reason, message: str,
                              *, expired: bool = False, block_number: int | None = None) -> None:
         self._count_failure("expired" if expired else
-                            "reverted" if reason is item.failure_reason else str(reason))
+                            "reverted" if reason is item.traits.failure_reason else str(reason))
         self._inflight.pop(item.settlement_id, None)
         await self._store.mark_failed(item.settlement_id, str(reason), message,
                                       tx_hash=item.tx_hash, expired=expired,
@@ -314,7 +314,7 @@ class Tracker:
 
     async def _resend(self, item: InFlight) -> None:
         if self._clock() >= item.valid_before:
-            await self._finish_failed(item, Reason.VALID_BEFORE_EXPIRED,
+            await self._finish_failed(item, item.traits.expired_reason,
                                       "transaction dropped and the authorization expired",
                                       expired=True)
             await self.fill_nonce(item.signer_nonce, item.max_fee_per_gas)
@@ -322,10 +322,10 @@ class Tracker:
         try:
             await self._chain.request("eth_sendRawTransaction", ["0x" + item.raw_tx.hex()])
         except RpcError as exc:
-            if "nonce too low" in exc.message.lower():
+            if nonce_taken(exc.message):
                 await self._handle_nonce_taken(item)
                 return
-            if "already known" not in exc.message.lower():
+            if not already_known(exc.message):
                 log.warning("re-send of settlement %s refused: %s", item.settlement_id, exc.message)
                 return
         log.info("re-sent identical bytes for settlement %s", item.settlement_id)
