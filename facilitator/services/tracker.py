@@ -3,7 +3,11 @@ into an outcome.
 
 Guarantees:
 - Receipts are fetched in batches once per new head (plus a bounded poll), so 300 transactions in
-  flight cost one round trip per block, not 300 per poll.
+  flight cost one round trip per block, not 300 per poll. A head counts as checked only after a
+  complete pass, and every `receipt_recheck_s` the receipts are asked again even without a new
+  block: a pass cut short by the node, or a node whose receipts lag its head (load-balanced
+  RPCs), must not leave a mined transaction unnoticed until the next block, which on a quiet
+  chain may never come.
 - Success means status 1 *and* the asset's Transfer(payer, payTo, amount) log in the receipt.
 - A reverted transaction is checked for front-running: if another transaction consumed the
   authorization (EIP-3009 AuthorizationUsed) and moved the money, the payment is recorded as
@@ -106,7 +110,8 @@ class Tracker:
     def __init__(self, *, network: Network, chain: Chain, store: Store, board: OutcomeBoard,
                  metrics: Metrics, poll_interval_s: float = 0.1, resend_after_s: float = 4.0,
                  front_run_lookback_blocks: int = 5_000, adopt_interval_s: float = 10.0,
-                 adopt_grace_s: float = 10.0, clock: Callable[[], float] = time.time) -> None:
+                 adopt_grace_s: float = 10.0, receipt_recheck_s: float = 1.0,
+                 clock: Callable[[], float] = time.time) -> None:
         self.network = network
         self._chain = chain
         self._store = store
@@ -119,6 +124,8 @@ class Tracker:
         self._inflight: dict[int, InFlight] = {}
         self._wake = asyncio.Event()
         self._last_head = -1
+        self._receipt_recheck_s = receipt_recheck_s
+        self._checked_at = float("-inf")
         # The sweep: how often, and how long a row must be unchanged before it is adopted (so a
         # /settle between its claim and its broadcast is never taken over).
         self.adopt_interval_s = adopt_interval_s
@@ -210,9 +217,10 @@ class Tracker:
         if not self._inflight:
             return
         head = int(await self._chain.request("eth_blockNumber", []), 16)
-        if head != self._last_head or woken:
-            self._last_head = head
+        now = time.monotonic()
+        if head != self._last_head or woken or now - self._checked_at >= self._receipt_recheck_s:
             await self._check_receipts()
+            self._last_head, self._checked_at = head, now  # only once the pass is complete
         await self._resend_stale()
 
     async def _check_receipts(self) -> None:

@@ -17,9 +17,9 @@ from harness import (
     sign_authorization,
     wait_until,
 )
+from rpc_proxy import RpcFaultProxy
 
 from facilitator.devnet import contracts
-
 
 # This module pauses and resumes mining (`chain.manual_mining`, blocks only when the test mines
 # them; one more block afterwards): `chain` (tests/conftest.py) is module-scoped, so the chain is
@@ -28,6 +28,14 @@ from facilitator.devnet import contracts
 
 async def settlement_rows(database_url: str) -> list[asyncpg.Record]:
     return await db_fetch(database_url, "SELECT * FROM settlements ORDER BY id")
+
+
+async def unfinished(database_url: str) -> list[tuple[object, ...]]:
+    """Where the unfinished settlements stand, for a failure message."""
+    rows = await db_fetch(database_url, """
+        SELECT id, state, signer_nonce, updated_at FROM settlements
+        WHERE state NOT IN ('included', 'confirmed') ORDER BY id LIMIT 10""")
+    return [tuple(r) for r in rows]
 
 
 async def test_same_payload_settled_twice_moves_money_once(chain, facilitator):
@@ -58,7 +66,7 @@ async def test_two_hundred_concurrent_payments_settle_without_nonce_errors(
     bodies = [pay(p, pay_to, 1_000 + i) for p in payers for i in range(10)]
     answers = await asyncio.gather(*(facilitator.settle(b) for b in bodies))
     failures = [a for a in answers if not a["success"]]
-    assert not failures, failures[:3]
+    assert not failures, (failures[:3], await unfinished(database_url))
     assert len({a["transaction"] for a in answers}) == 200
     assert len(await chain.transfer_logs_to(pay_to)) == 200
     assert await chain.token_balance(pay_to) == sum(1_000 + i for _ in payers for i in range(10))
@@ -93,6 +101,42 @@ async def test_receipt_timeout_answers_pending_then_the_final_result(chain, faci
         await chain.mine()
         final = await facilitator.settle(body)
     assert final["success"] is True and final["transaction"] == pending["transaction"]
+    assert len(await chain.transfer_logs_to(pay_to)) == 1
+
+
+async def test_mined_settlement_is_noticed_after_a_failed_receipt_pass_without_a_new_block(
+        chain, facilitator_factory):
+    """The node fails every receipt lookup (through all client retries) of the pass that
+    follows the settlement's block, and no further block comes: the pass is repeated anyway,
+    and the payer gets the final answer, not `settlement_pending`."""
+    proxy = await RpcFaultProxy(chain.url).start()
+    try:
+        facilitator = await facilitator_factory(FACILITATOR_RPC_URLS=proxy.url,
+                                                FACILITATOR_RECEIPT_TIMEOUT_S="30")
+        payer, pay_to = await chain.new_payer(), Account.create().address
+        async with chain.manual_mining(mine_on_exit=True):
+            settling = asyncio.create_task(facilitator.settle(pay(payer, pay_to)))
+
+            async def sent() -> bool:
+                return await chain.tx_count(facilitator.signer, "pending") == 1
+            await wait_until(sent, what="the settlement transaction to reach the node")
+            proxy.failing.add("eth_getTransactionReceipt")
+            await chain.mine()
+            refused_at_mine = proxy.refused["eth_getTransactionReceipt"]
+
+            async def full_pass_failed_after_the_block() -> bool:
+                # Two passes' worth of refusals (1 + 3 retries each) after the block: the
+                # second pass started after the first ended, so it read the new head. A tracker
+                # that does not repeat a failed pass never gets there.
+                return proxy.refused["eth_getTransactionReceipt"] - refused_at_mine >= 8
+            await wait_until(full_pass_failed_after_the_block,
+                             what="a failed receipt pass to be repeated with no new block")
+            assert not settling.done()
+            proxy.failing.clear()
+            answer = await settling
+    finally:
+        await proxy.stop()
+    assert answer["success"] is True, answer
     assert len(await chain.transfer_logs_to(pay_to)) == 1
 
 
