@@ -66,6 +66,7 @@ _ATTESTATIONS = ATTESTATION_SELECT + """
 _BATCH_RECORDS = """
     SELECT a.id AS attestation_id, g.id AS batch_id, g.chain_id, g.tx_hash, g.block_number,
            g.block_time, g.log_index, g.merkle_root, g.batch_size, g.blob_id, g.dump_status,
+           g.dump_checked_at, g.dump_root, g.dump_leaf_count, g.dump_error,
            l.leaf_index, l.proof::text AS proof
     FROM attestations a
     JOIN og_batch_leaves l ON l.tee_id = a.tee_id AND l.input_hash = a.input_hash
@@ -109,6 +110,7 @@ _TEES = """
 _INVALID_BATCHES = """
     SELECT g.id, g.chain_id, g.tx_hash, g.block_number, g.block_hash, g.block_time, g.log_index,
            g.merkle_root, g.batch_size, g.blob_id, g.dump_status, g.dump_checked_at,
+           g.dump_root, g.dump_leaf_count, g.dump_error,
            (SELECT count(*) FROM og_batch_leaves l WHERE l.batch_id = g.id) AS leaves_stored
     FROM og_batches g
     WHERE g.block_time >= $1 AND g.block_time < $2 AND g.dump_status = ANY($3::text[])
@@ -181,7 +183,7 @@ class CrossCheckStore:
             block_time=r["block_time"], log_index=r["log_index"],
             merkle_root=bytes(r["merkle_root"]), batch_size=int(r["batch_size"]),
             blob_id=r["blob_id"], dump_status=r["dump_status"],
-            dump_checked_at=r["dump_checked_at"], leaves_stored=r["leaves_stored"])
+            leaves_stored=r["leaves_stored"], dump=dump_check(r))
             for r in rows)
 
     async def _og_view(self, conn: asyncpg.Connection, attestations: Sequence[cc.Attestation],
@@ -247,6 +249,11 @@ class CrossCheckStore:
         return {bytes(r["fingerprint"]) for r in rows}
 
 
+def dump_check(r: asyncpg.Record) -> cc.DumpCheck:
+    return cc.DumpCheck(checked_at=r["dump_checked_at"], root=optional_bytes(r["dump_root"]),
+                        leaf_count=r["dump_leaf_count"], error=r["dump_error"])
+
+
 async def load_attestations(conn: asyncpg.Connection, rows: Sequence[asyncpg.Record],
                             og_chain_id: int | None) -> list[cc.Attestation]:
     """Attestation rows (as selected by `_ATTESTATIONS`) with their OpenGradient records."""
@@ -259,7 +266,7 @@ async def load_attestations(conn: asyncpg.Connection, rows: Sequence[asyncpg.Rec
             log_index=r["log_index"], merkle_root=bytes(r["merkle_root"]),
             batch_size=int(r["batch_size"]), blob_id=r["blob_id"],
             dump_status=r["dump_status"], leaf_index=r["leaf_index"],
-            proof=tuple(json.loads(r["proof"]))))
+            proof=tuple(json.loads(r["proof"])), dump=dump_check(r)))
     individual: dict[int, list[cc.IndividualRecord]] = defaultdict(list)
     for r in await conn.fetch(_INDIVIDUAL_RECORDS, ids, og_chain_id):
         individual[r["attestation_id"]].append(cc.IndividualRecord(

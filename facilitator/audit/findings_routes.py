@@ -12,7 +12,8 @@ Endpoints:
   `blockNumber`, `blockHash`, `logIndex`, `blockTime`, `includedAt`, `confirmedAt`,
   `transfers`) or null, its `inferences` (attestations with `verification`, `verifiedAt`,
   `costOpg` and `records`: `batches` [{`chainId`, `transaction`, `blockNumber`, `logIndex`,
-  `blockTime`, `merkleRoot`, `batchSize`, `blobId`, `dumpStatus`, `leafIndex`, `proof`}] and
+  `blockTime`, `merkleRoot`, `batchSize`, `blobId`, `dumpStatus`, `dumpCheckedAt`, `dumpRoot`,
+  `dumpLeafCount`, `dumpError`, `leafIndex`, `proof`}] and
   `individual` [{`chainId`, `transaction`, `blockNumber`, `logIndex`, `blockTime`,
   `blobId`}]) and its `findings` (those naming it, including duplicates that list it);
   404 `{"error": "not_found"}` when there is no such session.

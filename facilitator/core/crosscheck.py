@@ -186,6 +186,23 @@ class Session:
 
 
 @dataclass(frozen=True, slots=True)
+class DumpCheck:
+    """What the check of a batch's published dump found: the root and leaf count recomputed
+    from the dump, or why they could not be (None while unchecked)."""
+    checked_at: datetime | None = None
+    root: bytes | None = None
+    leaf_count: int | None = None
+    error: str | None = None
+
+
+def dump_evidence(d: DumpCheck) -> dict[str, Any]:
+    return {"dumpCheckedAt": iso(d.checked_at),
+            "dumpRoot": None if d.root is None else _hex(d.root),
+            "dumpLeafCount": None if d.leaf_count is None else str(d.leaf_count),
+            "dumpError": d.error}
+
+
+@dataclass(frozen=True, slots=True)
 class BatchRecord:
     batch_id: int
     chain_id: int
@@ -199,6 +216,7 @@ class BatchRecord:
     dump_status: str
     leaf_index: int
     proof: tuple[str, ...]
+    dump: DumpCheck
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,8 +281,8 @@ class Batch:
     batch_size: int
     blob_id: str
     dump_status: str
-    dump_checked_at: datetime | None
     leaves_stored: int
+    dump: DumpCheck
 
 
 @dataclass(frozen=True, slots=True)
@@ -706,8 +724,9 @@ def records_evidence(a: Attestation) -> dict[str, Any]:
                          "blockNumber": r.block_number, "logIndex": r.log_index,
                          "blockTime": iso(r.block_time), "merkleRoot": _hex(r.merkle_root),
                          "batchSize": str(r.batch_size), "blobId": r.blob_id,
-                         "dumpStatus": r.dump_status, "leafIndex": r.leaf_index,
-                         "proof": list(r.proof)} for r in a.batch_records],
+                         "dumpStatus": r.dump_status, **dump_evidence(r.dump),
+                         "leafIndex": r.leaf_index, "proof": list(r.proof)}
+                        for r in a.batch_records],
             "individual": [{"chainId": r.chain_id, "transaction": _hex(r.tx_hash),
                             "blockNumber": r.block_number, "logIndex": r.log_index,
                             "blockTime": iso(r.block_time), "blobId": r.blob_id}
@@ -719,8 +738,7 @@ def batch_evidence(b: Batch) -> dict[str, Any]:
             "blockNumber": b.block_number, "blockHash": _hex(b.block_hash),
             "blockTime": iso(b.block_time), "logIndex": b.log_index,
             "merkleRoot": _hex(b.merkle_root), "batchSize": str(b.batch_size),
-            "blobId": b.blob_id, "dumpCheckedAt": iso(b.dump_checked_at),
-            "leavesStored": b.leaves_stored}
+            "blobId": b.blob_id, **dump_evidence(b.dump), "leavesStored": b.leaves_stored}
 
 
 def _hex(value: bytes | None) -> str | None:

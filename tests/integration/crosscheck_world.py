@@ -173,11 +173,12 @@ async def plant_batch(world: World, conn: asyncpg.Connection, label: str, leaves
                       block_time: datetime = at(600), size: int | None = None) -> int:
     batch_id = await conn.fetchval("""
         INSERT INTO og_batches (chain_id, tx_hash, block_number, block_hash, block_time,
-            log_index, merkle_root, batch_size, blob_id, dump_status, dump_checked_at)
-        VALUES ($1, $2, $3, $4, $5, 1, $6, $7, $8, $9, $10) RETURNING id""",
+            log_index, merkle_root, batch_size, blob_id, dump_status, dump_checked_at,
+            dump_root, dump_leaf_count, dump_error)
+        VALUES ($1, $2, $3, $4, $5, 1, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING id""",
         chain_id, h("og-tx:" + label), block, h(f"og-block:{chain_id}:{block}"), block_time,
         h("root:" + label), size if size is not None else len(leaves), "blob-" + label, status,
-        None if status == "pending" else block_time + timedelta(seconds=5))
+        *planted_dump_check(label, status, len(leaves), block_time))
     for index, leaf in enumerate(leaves if status == "valid" else []):
         await conn.execute("""
             INSERT INTO og_batch_leaves (batch_id, leaf_index, tee_id, input_hash, output_hash,
@@ -187,6 +188,19 @@ async def plant_batch(world: World, conn: asyncpg.Connection, label: str, leaves
             leaf.tee_timestamp, json.dumps(proof_of(label, index)))
     world.batches[label] = batch_id
     return batch_id
+
+
+def planted_dump_check(label: str, status: str, leaves: int, block_time: datetime
+                       ) -> tuple[datetime | None, bytes | None, int | None, str | None]:
+    """(checked at, recomputed root, leaf count, error) as the dump check stores them: the
+    root the dump yields is the posted one only for a valid dump."""
+    if status == "pending":
+        return None, None, None, None
+    checked_at = block_time + timedelta(seconds=5)
+    if status in ("malformed", "unavailable"):
+        return checked_at, None, None, f"{status} dump of {label}"
+    root = h(("root:" if status == "valid" else "dump-root:") + label)
+    return checked_at, root, leaves, None
 
 
 def proof_of(batch: str, index: int) -> list[str]:

@@ -118,6 +118,9 @@ def check_tampered(world: World, evidence: dict) -> None:
             batch["batchSize"], batch["blobId"]) == (
         "0x" + h("og-tx:tampered").hex(), 503, 1, "0x" + h("root:tampered").hex(), "7",
         "blob-tampered")
+    assert (batch["dumpRoot"], batch["dumpLeafCount"], batch["dumpError"]) == (
+        "0x" + h("dump-root:tampered").hex(), "1", None)
+    assert batch["dumpCheckedAt"].endswith("Z")
 
 
 def check_amount(reason: str) -> Check:

@@ -362,6 +362,9 @@ async def test_session_detail(client: TestClient, world: World) -> None:
     assert (leaf["transaction"], leaf["blockNumber"], leaf["logIndex"], leaf["merkleRoot"],
             leaf["leafIndex"], leaf["proof"], leaf["dumpStatus"], leaf["chainId"]) == (
         hx(h("og-tx:g2")), 501, 1, hx(h("root:g2")), 0, proof_of("g2", 0), "valid", OG_CHAIN)
+    assert (leaf["dumpRoot"], leaf["dumpLeafCount"], leaf["dumpError"]) == (
+        hx(h("root:g2")), "1", None)
+    assert leaf["dumpCheckedAt"].endswith("Z")
     [individual] = inferences[a3.id]["records"]["individual"]
     assert (individual["transaction"], individual["blockNumber"], individual["logIndex"]) == (
         hx(h(f"og-individual-tx:{a3.id}")), 480, 0)

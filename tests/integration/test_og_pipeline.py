@@ -138,8 +138,8 @@ async def test_individual_attestation_is_settled_with_its_record(og_chain, facil
     await wait_until(valid, what="the individual record's hashes to be recomputed")
 
 
-WRONG_ROOT_BATCH = ("SELECT dump_status FROM og_batches WHERE merkle_root = '\\x"
-                    + "44" * 32 + "'")
+WRONG_ROOT_BATCH = ("SELECT dump_status, dump_root, dump_leaf_count FROM og_batches "
+                    "WHERE merkle_root = '\\x" + "44" * 32 + "'")
 
 
 async def test_a_dump_that_does_not_match_its_root_is_recorded(og_chain, facilitator_factory,
@@ -166,6 +166,7 @@ async def test_a_dump_that_does_not_match_its_root_is_recorded(og_chain, facilit
     await wait_until(checked, timeout_s=20, what="the dump check")
     [batch] = await rows(database_url, WRONG_ROOT_BATCH)
     assert batch["dump_status"] == "root_mismatch"
+    assert (bytes(batch["dump_root"]), batch["dump_leaf_count"]) == (tree.root, 1)
     assert not await rows(database_url, "SELECT * FROM og_batch_leaves l JOIN og_batches b "
                           "ON b.id = l.batch_id WHERE b.dump_status <> 'valid'")
 

@@ -16,6 +16,7 @@ from facilitator.core.crosscheck import (
     Attestation,
     Batch,
     BatchRecord,
+    DumpCheck,
     CrossCheckPolicy,
     Facts,
     IndividualRecord,
@@ -51,7 +52,7 @@ def batch_record(leaf: int, *, status: str = "valid", time: float = 600) -> Batc
     return BatchRecord(batch_id=1, chain_id=OG_CHAIN, tx_hash=b"\xba" * 32, block_number=500,
                        block_time=at(time), log_index=2, merkle_root=b"\x12" * 32,
                        batch_size=2, blob_id="blob-1", dump_status=status, leaf_index=leaf,
-                       proof=("0x" + "34" * 32,))
+                       proof=("0x" + "34" * 32,), dump=dump_check(status))
 
 
 def individual_record(time: float = 60) -> IndividualRecord:
@@ -104,7 +105,17 @@ def batch(status: str = "valid") -> Batch:
     return Batch(id=1, chain_id=OG_CHAIN, tx_hash=b"\xba" * 32, block_number=500,
                  block_hash=b"\xbb" * 32, block_time=at(600), log_index=2,
                  merkle_root=b"\x12" * 32, batch_size=2, blob_id="blob-1", dump_status=status,
-                 dump_checked_at=at(601), leaves_stored=2 if status == "valid" else 0)
+                 leaves_stored=2 if status == "valid" else 0, dump=dump_check(status))
+
+
+def dump_check(status: str) -> DumpCheck:
+    """What the dump check would have stored for a batch with root 0x12..12 of two leaves."""
+    if status == "pending":
+        return DumpCheck()
+    if status in ("malformed", "unavailable"):
+        return DumpCheck(checked_at=at(601), error=f"{status} dump")
+    root = b"\x12" * 32 if status == "valid" else b"\x13" * 32
+    return DumpCheck(checked_at=at(601), root=root, leaf_count=2)
 
 
 def unlinked_payee(attested: tuple[UnlinkedAttestation, ...] | None = None,
@@ -386,6 +397,9 @@ def test_a_tampered_dump(status: str) -> None:
     assert (found.kind, found.evidence["dumpStatus"]) == ("batch_dump_invalid", status)
     assert found.evidence["batch"]["merkleRoot"] == "0x" + "12" * 32
     assert found.evidence["batch"]["batchSize"] == "2"
+    recomputed = None if status == "malformed" else "0x" + "13" * 32
+    assert found.evidence["batch"]["dumpRoot"] == recomputed
+    assert (found.evidence["batch"]["dumpError"] is None) == (status != "malformed")
 
 
 def test_an_unavailable_or_pending_dump_is_not_a_tampered_one() -> None:
