@@ -34,6 +34,7 @@ USDC = contracts.CANONICAL_USDC
 OPG = contracts.CANONICAL_OPG
 PERMIT2 = contracts.PERMIT2_ADDRESS
 UPTO_PROXY = contracts.UPTO_PROXY_ADDRESS
+EXACT_PROXY = contracts.EXACT_PROXY_ADDRESS
 OWNER_KEY = DEV_KEYS[0]
 ETHER = 10**18
 
@@ -83,13 +84,14 @@ class DevChain:
 
     @classmethod
     async def start(cls, **anvil_args: Any) -> DevChain:
-        """anvil with USDC (EIP-3009) and OPG + Permit2 + the x402 upto proxy, all at their
-        canonical Base Sepolia addresses."""
+        """anvil with USDC (EIP-3009) and OPG + Permit2 + the x402 upto and exact Permit2
+        proxies, all at their canonical Base Sepolia addresses."""
         anvil = await Anvil(chain_id=CHAIN_ID, **anvil_args).start()
         usdc = await contracts.install_usdc(anvil.url, OWNER_KEY)
         await contracts.install_opg(anvil.url, OWNER_KEY)
         await contracts.install_permit2(anvil.url)
         await contracts.install_upto_proxy(anvil.url)
+        await contracts.install_exact_proxy(anvil.url)
         return cls(anvil, usdc)
 
     @property

@@ -1,6 +1,7 @@
 """Deploy or place the project's test contracts on a local anvil node: TestUSDC and SmartWallet
-(exact/EIP-3009), OPGToken, Permit2 and X402UptoPermit2Proxy (OpenGradient `upto` payments on Base
-Sepolia), TEERegistry and InferenceSettlementRelay (the OpenGradient chain, id 10740).
+(exact/EIP-3009), OPGToken, Permit2, X402UptoPermit2Proxy (OpenGradient `upto` payments on Base
+Sepolia) and X402ExactPermit2Proxy (`exact` over Permit2), TEERegistry and
+InferenceSettlementRelay (the OpenGradient chain, id 10740).
 
 Devnet and test tooling only; `facilitator serve` never imports it. Guarantees:
 
@@ -19,9 +20,10 @@ TestUSDC is setCode-friendly (no constructor logic, no immutables): placing its 
 address gives an empty, uninitialized token whose storage `initialize` then fills in. That is how
 `install_usdc` puts it at the canonical Base Sepolia USDC address, where the official x402 SDK
 client pays it with its default spend controls (name "USDC", version "2"). OPGToken, Permit2 and
-X402UptoPermit2Proxy are setCode-friendly in the same way and go to their canonical addresses
-(`install_opg`, `install_permit2`, `install_upto_proxy`); the proxy calls Permit2 at the canonical
-address, so install both. TEERegistry and InferenceSettlementRelay are ordinary deployments.
+X402UptoPermit2Proxy and X402ExactPermit2Proxy are setCode-friendly in the same way and go to their
+canonical addresses (`install_opg`, `install_permit2`, `install_upto_proxy`,
+`install_exact_proxy`); the proxies call Permit2 at the canonical address, so install it too.
+TEERegistry and InferenceSettlementRelay are ordinary deployments.
 
 Custom-error reverts are reported by name (`decode_revert`), e.g. "would revert: InvalidNonce()".
 """
@@ -47,6 +49,7 @@ from web3.contract import AsyncContract, Contract
 from web3.exceptions import ContractCustomError, ContractLogicError, TimeExhausted
 from web3.types import TxParams, TxReceipt
 
+from facilitator.core import exact_permit2 as core_exact_permit2
 from facilitator.core import permit2 as core_permit2
 from facilitator.core.attestation import tee_id_of
 from facilitator.core.ecdsa import sign_digest
@@ -399,6 +402,7 @@ OPG_DECIMALS = 18
 # facilitator's core knows them.
 PERMIT2_ADDRESS = to_checksum_address(core_permit2.PERMIT2_ADDRESS)
 UPTO_PROXY_ADDRESS = to_checksum_address(core_permit2.UPTO_PROXY_ADDRESS)
+EXACT_PROXY_ADDRESS = to_checksum_address(core_exact_permit2.EXACT_PROXY_ADDRESS)
 MAX_UINT256 = 2**256 - 1
 
 # What Permit2 hashes for a witness transfer: its stub + the proxy's witness type string.
@@ -431,6 +435,14 @@ async def install_upto_proxy(rpc_url: str, address: str = UPTO_PROXY_ADDRESS) ->
     calls Permit2 at the canonical address: install that too (`install_permit2`)."""
     target = to_checksum_address(address)
     await place_at(rpc_url, "X402UptoPermit2Proxy", target)
+    return target
+
+
+async def install_exact_proxy(rpc_url: str, address: str = EXACT_PROXY_ADDRESS) -> str:
+    """Place X402ExactPermit2Proxy at `address` (default: the x402 SDK's exact Permit2 proxy
+    address). It calls Permit2 at the canonical address: install that too."""
+    target = to_checksum_address(address)
+    await place_at(rpc_url, "X402ExactPermit2Proxy", target)
     return target
 
 

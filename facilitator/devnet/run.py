@@ -110,19 +110,21 @@ class Devnet:
         return self.manifest
 
     async def _base_chain(self, payers: list[Any]) -> dict[str, str]:
-        """USDC, OPG, Permit2 and the upto proxy; payers funded and Permit2-approved."""
+        """USDC, OPG, Permit2 and the upto and exact proxies; payers funded and Permit2-approved."""
         assert self.anvil is not None
         url = self.anvil.url
         usdc = await contracts.install_usdc(url, OWNER_KEY)
         opg = await contracts.install_opg(url, OWNER_KEY)
         permit2 = await contracts.install_permit2(url)
         proxy = await contracts.install_upto_proxy(url)
+        exact_proxy = await contracts.install_exact_proxy(url)
         await asyncio.gather(*(contracts.mint(url, OWNER_KEY, usdc, p.address, PAYER_USDC)
                                for p in payers),
                              *(contracts.mint(url, OWNER_KEY, opg, p.address, PAYER_OPG)
                                for p in payers))
         await asyncio.gather(*(contracts.approve_permit2(url, key, opg) for key in PAYER_KEYS))
-        return {"usdc": usdc, "opg": opg, "permit2": permit2, "uptoProxy": proxy}
+        return {"usdc": usdc, "opg": opg, "permit2": permit2, "uptoProxy": proxy,
+                "exactPermit2Proxy": exact_proxy}
 
     async def _og_chain(self) -> dict[str, str]:
         """TEERegistry + InferenceSettlementRelay (verifying against the registry); the
@@ -206,7 +208,7 @@ def _manifest(devnet: Devnet, base: dict[str, str], og: dict[str, str], payers: 
             "opg": {"address": base["opg"], "name": contracts.OPG_NAME,
                     "version": contracts.OPG_VERSION, "decimals": contracts.OPG_DECIMALS},
             "permit2": base["permit2"],
-            "uptoProxy": base["uptoProxy"]},
+            "uptoProxy": base["uptoProxy"], "exactPermit2Proxy": base["exactPermit2Proxy"]},
         "payers": [{"address": p.address, "privateKey": k, "usdc": str(PAYER_USDC),
                     "opg": str(PAYER_OPG), "permit2Approved": True}
                    for p, k in zip(payers, PAYER_KEYS, strict=True)],
