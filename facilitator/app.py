@@ -40,8 +40,9 @@ from facilitator.audit.routes import add_audit_routes
 from facilitator.core.crosscheck import CrossCheckPolicy
 from facilitator.services.crosscheck import CrossChecker
 from facilitator.adapters.sessions import SessionStore
-from facilitator.schemes.common import AssetCodeCache, Scheme
+from facilitator.schemes.common import AssetCodeCache, Scheme, SchemeKey
 from facilitator.schemes.exact import ExactEip3009Scheme
+from facilitator.schemes.exact_permit2 import ExactPermit2Scheme
 from facilitator.schemes.upto import UptoPermit2Scheme
 from facilitator.services.jobs import SettleJobWorker
 from facilitator.services.broadcaster import Broadcaster, GasPolicy
@@ -64,7 +65,7 @@ class _NetworkRuntime:
     broadcaster: Broadcaster
     tracker: Tracker
     settler: Settler
-    schemes: dict[str, Scheme]
+    schemes: dict[SchemeKey, Scheme]
     watcher: ChainWatcher
 
 
@@ -215,12 +216,14 @@ def _build_network(ns: NetworkSettings, settings: Settings, store: Store,
     board = OutcomeBoard()
     signer = settings.signer_key.address.lower()
     asset_code = AssetCodeCache()  # one per network: its schemes check the same assets
-    schemes: dict[str, Scheme] = {
-        "exact": ExactEip3009Scheme(network=network, chain=chain, facilitator_address=signer,
-                                    asset_code=asset_code)}
+    kinds = [ExactEip3009Scheme, ExactPermit2Scheme]
     if "upto" in settings.schemes:
-        schemes["upto"] = UptoPermit2Scheme(network=network, chain=chain,
-                                            facilitator_address=signer, asset_code=asset_code)
+        kinds.append(UptoPermit2Scheme)
+    schemes: dict[SchemeKey, Scheme] = {}
+    for kind in kinds:
+        scheme = kind(network=network, chain=chain, facilitator_address=signer,
+                      asset_code=asset_code)
+        schemes[(scheme.scheme, scheme.traits.transfer_method)] = scheme
     broadcaster = Broadcaster(
         network=network, chain=chain, store=store, key=settings.signer_key, board=board,
         metrics=metrics, policy=GasPolicy(

@@ -6,6 +6,8 @@ microseconds per call); `tests/unit/test_abi.py` pins each encoder to eth_abi's 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from eth_abi import decode as abi_decode
 from eth_hash.auto import keccak
 
@@ -30,6 +32,8 @@ TRANSFER_WITH_AUTHORIZATION_BYTES = selector(
 NONCE_BITMAP = selector("nonceBitmap(address,uint256)")
 UPTO_PROXY_SETTLE = selector(
     "settle(((address,uint256),uint256,uint256),uint256,address,(address,address,uint256),bytes)")
+EXACT_PROXY_SETTLE = selector(
+    "settle(((address,uint256),uint256,uint256),address,(address,uint256),bytes)")
 
 ERC1271_MAGIC = bytes.fromhex("1626ba7e")
 TRANSFER_TOPIC = keccak(b"Transfer(address,address,uint256)")
@@ -86,6 +90,40 @@ def upto_proxy_settle(token: str, cap: int, nonce: int, deadline: int, amount: i
             + address_word(owner) + address_word(to) + address_word(facilitator)
             + word(valid_after) + word(10 * 32))
     return UPTO_PROXY_SETTLE + head + dynamic_bytes(signature)
+
+
+@dataclass(frozen=True, slots=True)
+class ExactProxySettle:
+    """The static arguments of an x402ExactPermit2Proxy.settle call."""
+
+    token: str
+    amount: int
+    nonce: int
+    deadline: int
+    owner: str
+    to: str
+    valid_after: int
+
+
+def exact_proxy_settle(settle: ExactProxySettle, signature: bytes) -> bytes:
+    """x402ExactPermit2Proxy.settle(permit, owner, witness, signature): every argument but the
+    signature is static, so the head is eight words and the signature follows."""
+    head = (address_word(settle.token) + word(settle.amount) + word(settle.nonce)
+            + word(settle.deadline) + address_word(settle.owner) + address_word(settle.to)
+            + word(settle.valid_after) + word(8 * 32))
+    return EXACT_PROXY_SETTLE + head + dynamic_bytes(signature)
+
+
+def decode_exact_proxy_settle(calldata: bytes) -> ExactProxySettle | None:
+    """The static arguments of a settle call on the exact proxy, or None for any other call.
+    Trailing bytes (a data suffix some senders append) are ignored."""
+    if calldata[:4] != EXACT_PROXY_SETTLE or len(calldata) < 4 + 7 * 32:
+        return None
+    words = [calldata[4 + 32 * i:4 + 32 * (i + 1)] for i in range(7)]
+    number = [int.from_bytes(w, "big") for w in words]
+    return ExactProxySettle(token="0x" + words[0][12:].hex(), amount=number[1], nonce=number[2],
+                            deadline=number[3], owner="0x" + words[4][12:].hex(),
+                            to="0x" + words[5][12:].hex(), valid_after=number[6])
 
 
 def decode_uint(result: str) -> int:

@@ -28,7 +28,11 @@ from facilitator.core.ecdsa import recover_address
 from facilitator.core.eip712 import address_word, typed_digest, word
 from facilitator.core.exact import Rejection, SignatureCheck
 from facilitator.protocol.messages import PaymentRequest
-from facilitator.protocol.permit2 import PermitWitnessTransfer, UptoPayload
+from facilitator.protocol.permit2 import (
+    ExactPermit2Payload,
+    PermitWitnessTransfer,
+    UptoPayload,
+)
 from facilitator.protocol.reasons import Reason
 
 SCHEME = "upto"
@@ -40,10 +44,17 @@ DOMAIN_TYPEHASH = keccak(b"EIP712Domain(string name,uint256 chainId,address veri
 TOKEN_PERMISSIONS_TYPEHASH = keccak(b"TokenPermissions(address token,uint256 amount)")
 WITNESS_TYPE = b"Witness(address to,address facilitator,uint256 validAfter)"
 WITNESS_TYPEHASH = keccak(WITNESS_TYPE)
-PERMIT_WITNESS_TYPEHASH = keccak(
-    b"PermitWitnessTransferFrom(TokenPermissions permitted,address spender,uint256 nonce,"
-    b"uint256 deadline,Witness witness)TokenPermissions(address token,uint256 amount)"
-    + WITNESS_TYPE)
+
+
+def permit_witness_typehash(witness_type: bytes) -> bytes:
+    """The PermitWitnessTransferFrom type Permit2 hashes for a proxy's witness type."""
+    return keccak(
+        b"PermitWitnessTransferFrom(TokenPermissions permitted,address spender,uint256 nonce,"
+        b"uint256 deadline,Witness witness)TokenPermissions(address token,uint256 amount)"
+        + witness_type)
+
+
+PERMIT_WITNESS_TYPEHASH = permit_witness_typehash(WITNESS_TYPE)
 
 
 def permit2_domain_separator(chain_id: int) -> bytes:
@@ -57,11 +68,33 @@ def witness_hash(permit: PermitWitnessTransfer) -> bytes:
                   + word(w.valid_after))
 
 
-def permit_digest(chain_id: int, permit: PermitWitnessTransfer) -> bytes:
-    permitted = keccak(TOKEN_PERMISSIONS_TYPEHASH + address_word(permit.token) + word(permit.cap))
-    struct = keccak(PERMIT_WITNESS_TYPEHASH + permitted + address_word(permit.spender)
-                    + word(permit.nonce) + word(permit.deadline) + witness_hash(permit))
+@dataclass(frozen=True, slots=True)
+class SignedTransfer:
+    """The fields of a PermitWitnessTransferFrom outside the witness, whatever the proxy."""
+
+    token: str
+    amount: int
+    spender: str
+    nonce: int
+    deadline: int
+
+
+def witness_transfer_digest(chain_id: int, typehash: bytes, transfer: SignedTransfer,
+                            witness: bytes) -> bytes:
+    """The EIP-712 digest of a Permit2 PermitWitnessTransferFrom; `typehash` names the witness
+    type (`permit_witness_typehash`) and `witness` is the witness struct's hash."""
+    permitted = keccak(TOKEN_PERMISSIONS_TYPEHASH + address_word(transfer.token)
+                       + word(transfer.amount))
+    struct = keccak(typehash + permitted + address_word(transfer.spender)
+                    + word(transfer.nonce) + word(transfer.deadline) + witness)
     return typed_digest(permit2_domain_separator(chain_id), struct)
+
+
+def permit_digest(chain_id: int, permit: PermitWitnessTransfer) -> bytes:
+    transfer = SignedTransfer(permit.token, permit.cap, permit.spender, permit.nonce,
+                              permit.deadline)
+    return witness_transfer_digest(chain_id, PERMIT_WITNESS_TYPEHASH, transfer,
+                                   witness_hash(permit))
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +184,7 @@ def check_offchain(ctx: UptoContext) -> Rejection | None:
     return None
 
 
-def check_signature(digest: bytes, payment: UptoPayload) -> SignatureCheck:
+def check_signature(digest: bytes, payment: UptoPayload | ExactPermit2Payload) -> SignatureCheck:
     if recover_address(digest, payment.signature) == payment.permit.owner:
         return SignatureCheck.VALID_EOA
     return SignatureCheck.NEEDS_CONTRACT_CHECK

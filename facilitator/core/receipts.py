@@ -1,7 +1,8 @@
 """What a transaction receipt proves about a payment. Pure.
 
 A receipt with status 1 is not proof of payment (x402 issues #2385/#2727/#3032): we require the
-asset contract's own `Transfer(payer, payTo, amount)` log in it.
+asset contract's own `Transfer(payer, payTo, amount)` log in it. The filters and the call check
+here find a payment someone else's transaction settled (front-running).
 """
 
 from __future__ import annotations
@@ -9,7 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from facilitator.core.abi import AUTHORIZATION_USED_TOPIC, TRANSFER_TOPIC
+from facilitator.core.abi import (
+    AUTHORIZATION_USED_TOPIC,
+    TRANSFER_TOPIC,
+    decode_exact_proxy_settle,
+)
+from facilitator.core.exact_permit2 import EXACT_PROXY_ADDRESS
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,3 +53,26 @@ def authorization_used_filter(asset: str, payer: str, nonce: bytes, from_block: 
     return {"address": asset, "fromBlock": hex(max(from_block, 0)), "toBlock": "latest",
             "topics": ["0x" + AUTHORIZATION_USED_TOPIC.hex(), "0x" + "00" * 12 + payer[2:],
                        "0x" + nonce.hex()]}
+
+
+def transfer_filter(expected: ExpectedTransfer, from_block: int) -> dict[str, Any]:
+    """eth_getLogs filter for the asset's Transfer(payer -> payTo) events."""
+    return {"address": expected.asset, "fromBlock": hex(max(from_block, 0)), "toBlock": "latest",
+            "topics": ["0x" + TRANSFER_TOPIC.hex(), "0x" + "00" * 12 + expected.payer[2:],
+                       "0x" + "00" * 12 + expected.pay_to[2:]]}
+
+
+def settles_exact_permit(tx: Any, expected: ExpectedTransfer, nonce: int) -> bool:
+    """Is `tx` (an eth_getTransactionByHash answer) a call of the x402 exact proxy's settle for
+    this owner's Permit2 `nonce`, paying payTo the amount of the asset? Permit2 emits no event
+    per nonce, so the call itself is the evidence that a Transfer paid this permit."""
+    if not isinstance(tx, dict) or str(tx.get("to") or "").lower() != EXACT_PROXY_ADDRESS:
+        return False
+    data = str(tx.get("input") or "0x")
+    try:
+        call = decode_exact_proxy_settle(bytes.fromhex(data[2:]))
+    except ValueError:
+        return False
+    return (call is not None and call.owner == expected.payer and call.nonce == nonce
+            and call.to == expected.pay_to and call.token == expected.asset
+            and call.amount == expected.amount)

@@ -1,4 +1,5 @@
-"""The `upto` scheme's Permit2 payload (x402 `upto` on EVM; OpenGradient's session payments):
+"""The Permit2 payloads: `upto` (x402 `upto` on EVM; OpenGradient's session payments) and
+`exact` with `extra.assetTransferMethod: "permit2"` (its witness is `{to, validAfter}`):
 
     {"signature": "0x…",
      "permit2Authorization": {"from", "permitted": {"token", "amount"}, "spender",
@@ -24,6 +25,7 @@ from facilitator.protocol.fields import BadRequest
 
 PAYLOAD = "paymentPayload.payload"
 AUTH = f"{PAYLOAD}.permit2Authorization"
+WITNESS = f"{AUTH}.witness"
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,29 +54,90 @@ class UptoPayload:
     signature: bytes
 
 
-def parse_upto_payload(payload: Mapping[str, Any]) -> UptoPayload:
+@dataclass(frozen=True, slots=True)
+class ExactWitness:
+    to: str
+    valid_after: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExactPermitTransfer:
+    """A signed Permit2 `PermitWitnessTransferFrom` with the x402 exact witness: the proxy moves
+    exactly `amount`, whoever submits it."""
+
+    owner: str
+    token: str
+    amount: int  # permitted.amount
+    spender: str
+    nonce: int
+    deadline: int
+    witness: ExactWitness
+
+
+@dataclass(frozen=True, slots=True)
+class ExactPermit2Payload:
+    permit: ExactPermitTransfer
+    signature: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Signed:
+    """What both permit payloads carry outside their witness."""
+
+    owner: str
+    token: str
+    amount: int
+    spender: str
+    nonce: int
+    deadline: int
+    witness: Mapping[str, Any]
+    signature: bytes
+
+
+def _address(obj: Mapping[str, Any], key: str, path: str) -> str:
+    return f.address(f.member(obj, key, path), f"{path}.{key}")
+
+
+def _uint(obj: Mapping[str, Any], key: str, path: str) -> int:
+    return f.uint256_decimal(f.member(obj, key, path), f"{path}.{key}")
+
+
+def _signed(payload: Mapping[str, Any]) -> _Signed:
     auth = f.require_object(f.member(payload, "permit2Authorization", PAYLOAD), AUTH)
     permitted = f.require_object(f.member(auth, "permitted", AUTH), f"{AUTH}.permitted")
-    witness = f.require_object(f.member(auth, "witness", AUTH), f"{AUTH}.witness")
+    witness = f.require_object(f.member(auth, "witness", AUTH), WITNESS)
+    return _Signed(
+        owner=_address(auth, "from", AUTH),
+        token=_address(permitted, "token", f"{AUTH}.permitted"),
+        amount=_uint(permitted, "amount", f"{AUTH}.permitted"),
+        spender=_address(auth, "spender", AUTH), nonce=_uint(auth, "nonce", AUTH),
+        deadline=_uint(auth, "deadline", AUTH), witness=witness,
+        signature=f.hex_bytes(f.member(payload, "signature", PAYLOAD), f"{PAYLOAD}.signature"))
+
+
+def parse_upto_payload(payload: Mapping[str, Any]) -> UptoPayload:
+    s = _signed(payload)
+    witness = UptoWitness(to=_address(s.witness, "to", WITNESS),
+                          facilitator=_address(s.witness, "facilitator", WITNESS),
+                          valid_after=_uint(s.witness, "validAfter", WITNESS))
     return UptoPayload(
-        permit=PermitWitnessTransfer(
-            owner=f.address(f.member(auth, "from", AUTH), f"{AUTH}.from"),
-            token=f.address(f.member(permitted, "token", f"{AUTH}.permitted"),
-                            f"{AUTH}.permitted.token"),
-            cap=f.uint256_decimal(f.member(permitted, "amount", f"{AUTH}.permitted"),
-                                  f"{AUTH}.permitted.amount"),
-            spender=f.address(f.member(auth, "spender", AUTH), f"{AUTH}.spender"),
-            nonce=f.uint256_decimal(f.member(auth, "nonce", AUTH), f"{AUTH}.nonce"),
-            deadline=f.uint256_decimal(f.member(auth, "deadline", AUTH), f"{AUTH}.deadline"),
-            witness=UptoWitness(
-                to=f.address(f.member(witness, "to", f"{AUTH}.witness"), f"{AUTH}.witness.to"),
-                facilitator=f.address(f.member(witness, "facilitator", f"{AUTH}.witness"),
-                                      f"{AUTH}.witness.facilitator"),
-                valid_after=f.uint256_decimal(f.member(witness, "validAfter", f"{AUTH}.witness"),
-                                              f"{AUTH}.witness.validAfter")),
-        ),
-        signature=f.hex_bytes(f.member(payload, "signature", PAYLOAD), f"{PAYLOAD}.signature"),
-    )
+        permit=PermitWitnessTransfer(owner=s.owner, token=s.token, cap=s.amount,
+                                     spender=s.spender, nonce=s.nonce, deadline=s.deadline,
+                                     witness=witness),
+        signature=s.signature)
+
+
+def parse_exact_permit2_payload(payload: Mapping[str, Any]) -> ExactPermit2Payload:
+    """The x402 `exact` Permit2 payload (`extra.assetTransferMethod: "permit2"`); its witness
+    is `{to, validAfter}`."""
+    s = _signed(payload)
+    witness = ExactWitness(to=_address(s.witness, "to", WITNESS),
+                           valid_after=_uint(s.witness, "validAfter", WITNESS))
+    return ExactPermit2Payload(
+        permit=ExactPermitTransfer(owner=s.owner, token=s.token, amount=s.amount,
+                                   spender=s.spender, nonce=s.nonce, deadline=s.deadline,
+                                   witness=witness),
+        signature=s.signature)
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, Protocol
 
 from facilitator.core import abi
@@ -48,34 +49,54 @@ class ChainApproval:
     gas_estimate: int | None  # set for settlement checks
 
 
+class FrontRunEvidence(StrEnum):
+    """How a settlement consumed by another sender's transaction is recognised on chain."""
+
+    AUTHORIZATION_USED = "authorization_used"  # EIP-3009: the token's AuthorizationUsed event
+    EXACT_PROXY_CALL = "exact_proxy_call"  # Permit2 has no nonce event: a call to the proxy
+
+
 @dataclass(frozen=True, slots=True)
 class MethodTraits:
-    """How settlements of one transfer method differ, for the services that only hold a row."""
+    """How settlements of one scheme and transfer method differ, for the services that only
+    hold a row."""
 
     transfer_method: TransferMethod
     failure_reason: Reason  # a mined settlement transaction that reverted
     expired_reason: Reason  # the authorization expired before any inclusion
+    nonce_used_reason: Reason  # the chain says the authorization was consumed
     reports_amount: bool  # SettleResponse carries `amount` (upto)
-    front_runnable: bool  # another sender's transaction can consume the authorization
+    front_run: FrontRunEvidence | None  # None: no other sender can consume the authorization
     sessions: bool  # settlements belong to an upto session (usage recorded, 0 settles free)
 
 
 EIP3009_TRAITS = MethodTraits(
     transfer_method=TransferMethod.EIP3009, failure_reason=Reason.TRANSACTION_FAILED,
-    expired_reason=Reason.VALID_BEFORE_EXPIRED, reports_amount=False, front_runnable=True,
-    sessions=False)
+    expired_reason=Reason.VALID_BEFORE_EXPIRED, nonce_used_reason=Reason.NONCE_ALREADY_USED,
+    reports_amount=False, front_run=FrontRunEvidence.AUTHORIZATION_USED, sessions=False)
 # The upto proxy only accepts its witness's facilitator (us): nobody else can consume the permit.
 PERMIT2_TRAITS = MethodTraits(
     transfer_method=TransferMethod.PERMIT2, failure_reason=Reason.UPTO_TRANSACTION_FAILED,
-    expired_reason=Reason.PERMIT2_DEADLINE_EXPIRED, reports_amount=True, front_runnable=False,
-    sessions=True)
-TRAITS: dict[TransferMethod, MethodTraits] = {
-    t.transfer_method: t for t in (EIP3009_TRAITS, PERMIT2_TRAITS)}
+    expired_reason=Reason.PERMIT2_DEADLINE_EXPIRED, nonce_used_reason=Reason.PERMIT2_INVALID_NONCE,
+    reports_amount=True, front_run=None, sessions=True)
+# The exact proxy takes a permit from any sender, always paying witness.to the permitted amount.
+EXACT_PERMIT2_TRAITS = MethodTraits(
+    transfer_method=TransferMethod.PERMIT2, failure_reason=Reason.TRANSACTION_FAILED,
+    expired_reason=Reason.PERMIT2_DEADLINE_EXPIRED, nonce_used_reason=Reason.PERMIT2_INVALID_NONCE,
+    reports_amount=False, front_run=FrontRunEvidence.EXACT_PROXY_CALL, sessions=False)
+TRAITS: dict[tuple[str, TransferMethod], MethodTraits] = {
+    ("exact", TransferMethod.EIP3009): EIP3009_TRAITS,
+    ("upto", TransferMethod.PERMIT2): PERMIT2_TRAITS,
+    ("exact", TransferMethod.PERMIT2): EXACT_PERMIT2_TRAITS,
+}
 
 
-def traits_of(transfer_method: str) -> MethodTraits:
-    """The traits of a stored row's or an intent's `transfer_method`."""
-    return TRAITS[TransferMethod(transfer_method)]
+def traits_of(scheme: str, transfer_method: str) -> MethodTraits:
+    """The traits of a stored row's or an intent's scheme and `transfer_method`."""
+    return TRAITS[(scheme, TransferMethod(transfer_method))]
+
+
+SchemeKey = tuple[str, TransferMethod]  # how a network's schemes are registered and routed
 
 
 class Scheme(Protocol):

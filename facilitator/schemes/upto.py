@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import replace
-from typing import Any
 
 from facilitator.core import abi
 from facilitator.core.exact import Rejection
 from facilitator.core.permit2 import (
-    PERMIT2_ADDRESS,
     UPTO_PROXY_ADDRESS,
     UptoContext,
     check_offchain,
@@ -37,16 +35,8 @@ from facilitator.protocol.fields import to_checksum
 from facilitator.protocol.messages import PaymentRequest
 from facilitator.protocol.permit2 import UptoPayload, parse_upto_payload
 from facilitator.protocol.reasons import Reason
-from facilitator.schemes.common import (
-    PERMIT2_TRAITS,
-    CallBatch,
-    Checked,
-    EvmScheme,
-    eth_call,
-    no_code,
-    normalised_v,
-    returns_magic,
-)
+from facilitator.schemes.common import PERMIT2_TRAITS, Checked, normalised_v
+from facilitator.schemes.permit2 import Permit2Scheme
 
 
 def fingerprint(chain_id: int, payment: UptoPayload, amount: int) -> bytes:
@@ -58,7 +48,7 @@ def fingerprint(chain_id: int, payment: UptoPayload, amount: int) -> bytes:
     return hashlib.sha256("|".join(parts).encode()).digest()
 
 
-class UptoPermit2Scheme(EvmScheme):
+class UptoPermit2Scheme(Permit2Scheme):
     scheme = "upto"
     traits = PERMIT2_TRAITS
 
@@ -107,30 +97,6 @@ class UptoPermit2Scheme(EvmScheme):
                                            p.witness.valid_after, signature),
             transfer_method=self.traits.transfer_method, cap_amount=p.cap)
 
-    def _add_state_calls(self, batch: CallBatch, checked: Checked) -> None:
-        intent = checked.intent
-        nonce = int.from_bytes(intent.nonce, "big")
-        batch.add("nonce_bitmap", "eth_call",
-                  [eth_call(PERMIT2_ADDRESS, abi.nonce_bitmap(intent.payer, nonce >> 8)),
-                   "latest"])
-        batch.add("allowance", "eth_call",
-                  [eth_call(intent.asset, abi.allowance(intent.payer, PERMIT2_ADDRESS)), "latest"])
-        batch.add("balance", "eth_call",
-                  [eth_call(intent.asset, abi.balance_of(intent.payer)), "latest"])
-
-    def _judge_signature(self, checked: Checked, answer: dict[str, Any]) -> Rejection | None:
-        if "payer_code" not in answer:
-            return None
-        if no_code(answer["payer_code"]) or not returns_magic(answer["erc1271"]):
-            return Rejection(Reason.PERMIT2_INVALID_SIGNATURE,
-                             "the permit signature does not recover to the owner")
-        return None
-
-    def _judge_state(self, checked: Checked, answer: dict[str, Any]) -> Rejection | None:
-        intent = checked.intent
-        return (_judge_nonce(intent, answer) or _judge_allowance(intent, answer)
-                or _judge_balance(intent, answer))
-
     async def _judge_revert(self, checked: Checked, error: RpcError) -> Rejection:
         revert = abi.decode_revert(error.data, error.message)
         return Rejection(classify_proxy_revert(revert) or self.traits.failure_reason, revert)
@@ -138,29 +104,3 @@ class UptoPermit2Scheme(EvmScheme):
 
 def _with_amount(request: PaymentRequest, amount: int) -> PaymentRequest:
     return replace(request, requirements=replace(request.requirements, amount=amount))
-
-
-def _judge_nonce(intent: SettlementIntent, answer: dict[str, Any]) -> Rejection | None:
-    bitmap = answer["nonce_bitmap"]
-    if isinstance(bitmap, RpcError):
-        return None  # left to the simulation, which names the cause
-    bit = int.from_bytes(intent.nonce, "big") & 0xFF
-    if (abi.decode_uint(bitmap) >> bit) & 1:
-        return Rejection(Reason.PERMIT2_INVALID_NONCE, "the Permit2 nonce was already used")
-    return None
-
-
-def _judge_allowance(intent: SettlementIntent, answer: dict[str, Any]) -> Rejection | None:
-    allowance = answer["allowance"]
-    if not isinstance(allowance, RpcError) and abi.decode_uint(allowance) < intent.amount:
-        return Rejection(Reason.PERMIT2_ALLOWANCE_REQUIRED,
-                         "the owner has not approved Permit2 for this amount")
-    return None
-
-
-def _judge_balance(intent: SettlementIntent, answer: dict[str, Any]) -> Rejection | None:
-    balance = answer["balance"]
-    if not isinstance(balance, RpcError) and abi.decode_uint(balance) < intent.amount:
-        return Rejection(Reason.PERMIT2_INSUFFICIENT_BALANCE,
-                         f"owner balance {abi.decode_uint(balance)} < {intent.amount}")
-    return None

@@ -28,25 +28,27 @@ from facilitator.ports import RpcUnavailable
 from facilitator.protocol.eip3009 import is_permit2_payload
 from facilitator.protocol.fields import address, to_checksum
 from facilitator.protocol.messages import PaymentRequest, UnsupportedVersion, parse_request
-from facilitator.protocol.networks import Network, NetworkRegistry
+from facilitator.protocol.networks import Network, NetworkRegistry, TransferMethod
 from facilitator.protocol.reasons import Reason
 from facilitator.protocol.responses import SettleResponse, VerifyResponse
 from facilitator.adapters.sessions import SessionStore
 from facilitator.protocol import fields as f
 from facilitator.protocol.permit2 import parse_usage_metadata
-from facilitator.schemes.common import Checked, Scheme
+from facilitator.schemes.common import Checked, Scheme, SchemeKey
 from facilitator.services.recorder import VerificationRecorder
 from facilitator.services.settler import Settler
 
 log = logging.getLogger("facilitator.service")
 
 SCHEMES = ("exact", "upto")
+EXACT_EIP3009: SchemeKey = ("exact", TransferMethod.EIP3009)
 
 
 @dataclass(frozen=True, slots=True)
 class NetworkServices:
     network: Network
-    schemes: Mapping[str, Scheme]  # "exact", "upto"
+    # ("exact", eip3009), ("exact", permit2), ("upto", permit2): a scheme by its payload shape
+    schemes: Mapping[SchemeKey, Scheme]
     settler: Settler
     sessions: SessionStore
 
@@ -74,14 +76,14 @@ class FacilitatorService:
         address the client must bind in its Permit2 witness."""
         kinds: list[dict[str, Any]] = []
         for svc in self._services.values():
-            for name in svc.schemes:
+            for name in dict.fromkeys(name for name, _ in svc.schemes):
                 kind: dict[str, Any] = {"x402Version": 2, "scheme": name,
                                         "network": svc.network.caip2}
                 if name == "upto":
                     kind["extra"] = {"facilitatorAddress": self.signer_address}
                 kinds.append(kind)
         for svc in self._services.values():
-            if svc.network.v1_name is not None and "exact" in svc.schemes:
+            if svc.network.v1_name is not None and EXACT_EIP3009 in svc.schemes:
                 kinds.append({"x402Version": 1, "scheme": "exact", "network": svc.network.v1_name})
         return {"kinds": kinds, "extensions": [], "signers": {"eip155:*": [self.signer_address]}}
 
@@ -180,8 +182,7 @@ class FacilitatorService:
             return _early(request, Reason.UNSUPPORTED_SCHEME,
                           f"scheme {unsupported!r} is not supported here")
         services = self._served(request)
-        scheme = services.schemes.get(request.scheme) if services else None
-        if services is None or scheme is None:
+        if services is None or not any(name == request.scheme for name, _ in services.schemes):
             if request.network != request.requirements.network:  # the mechanism's first answer
                 return _early(request, _NETWORK_MISMATCH[request.scheme],
                               f"paid on {request.network}, required "
@@ -189,7 +190,8 @@ class FacilitatorService:
             return _early(request, _NO_NETWORK_CONFIG[request.scheme],
                           f"network {request.requirements.network!r} is not served by this "
                           "facilitator")
-        if is_permit2_payload(request.payload) != (request.scheme == "upto"):
+        scheme = services.schemes.get((request.scheme, _transfer_method(request)))
+        if scheme is None:
             return _early(request, Reason.UNSUPPORTED_PAYLOAD_TYPE,
                           f"this payload shape is not accepted for scheme {request.scheme!r}")
         return _Routed(request, services, scheme)
@@ -270,6 +272,14 @@ def _unsupported_scheme(request: PaymentRequest) -> str | None:
     if request.scheme == "exact" and request.requirements.scheme != "exact":
         return request.requirements.scheme
     return None
+
+
+def _transfer_method(request: PaymentRequest) -> TransferMethod | None:
+    """Every SDK routes `exact` by payload shape: `permit2Authorization` means Permit2. x402 v1
+    has EIP-3009 only (None: routed nowhere)."""
+    if not is_permit2_payload(request.payload):
+        return TransferMethod.EIP3009
+    return TransferMethod.PERMIT2 if request.version == 2 else None
 
 
 def _early(request: PaymentRequest, reason: Reason, message: str

@@ -44,12 +44,19 @@ from facilitator.adapters.signer import SignedTx
 from facilitator.core.receipts import ExpectedTransfer
 from facilitator.ports import Chain, RpcError, RpcUnavailable
 from facilitator.protocol.fields import to_checksum
-from facilitator.protocol.networks import Network
+from facilitator.protocol.networks import Network, TransferMethod
 from facilitator.protocol.reasons import Reason
 from facilitator.protocol.responses import SettleResponse
 from facilitator.adapters.sessions import SessionStore
 from facilitator.protocol.permit2 import UsageMetadata
-from facilitator.schemes.common import ChainApproval, Checked, Scheme, traits_of
+from facilitator.schemes.common import (
+    ChainApproval,
+    Checked,
+    FrontRunEvidence,
+    Scheme,
+    SchemeKey,
+    traits_of,
+)
 from facilitator.services.broadcaster import Broadcaster, Job, Overloaded
 from facilitator.services.outcomes import OutcomeBoard, wait_outcome
 from facilitator.services.tracker import InFlight, Tracker, find_external_settlement
@@ -75,10 +82,10 @@ class SettlePolicy:
 class Settler:
     def __init__(self, *, network: Network, chain: Chain, store: Store, sessions: SessionStore,
                  board: OutcomeBoard, broadcaster: Broadcaster, tracker: Tracker,
-                 schemes: Mapping[str, Scheme], metrics: Metrics, policy: SettlePolicy,
+                 schemes: Mapping[SchemeKey, Scheme], metrics: Metrics, policy: SettlePolicy,
                  clock: Callable[[], float] = time.time) -> None:
         self.network = network
-        self._schemes = schemes  # this network's, by name: what recovery checks rows with
+        self._schemes = schemes  # this network's, by key: what recovery checks rows with
         self._clock = clock
         self._chain = chain
         self._sessions = sessions
@@ -133,7 +140,10 @@ class Settler:
         """Another request already claimed this authorization: replay, wait, or take over a
         failed attempt (the only state whose authorization is certainly unconsumed)."""
         same = row.fingerprint == checked.intent.fingerprint
-        if row.state == State.FAILED:
+        # A reclaim keeps the row's scheme and asset: a Permit2 nonce failed under another
+        # scheme or token (exact and upto share the owner's nonces) is not taken over.
+        if row.state == State.FAILED and (row.scheme, row.asset) == (checked.intent.scheme,
+                                                                     checked.intent.asset):
             reclaimed = await self._store.reclaim_failed(row.id, checked.intent)
             if reclaimed is not None:
                 return reclaimed
@@ -229,10 +239,10 @@ class Settler:
         may have been settled by someone else's transaction (only where another sender can
         consume it): that is recorded as an external settlement, not a failure. Anything else
         marks the row failed (nothing was sent). Waiters are resolved either way."""
-        if rejection.reason is Reason.NONCE_ALREADY_USED \
-                and traits_of(row.transfer_method).front_runnable:
+        traits = traits_of(row.scheme, row.transfer_method)
+        if rejection.reason is traits.nonce_used_reason and traits.front_run is not None:
             try:
-                external = await self._external_settlement(row)
+                external = await self._external_settlement(row, traits.front_run)
             except (RpcUnavailable, RpcError) as exc:
                 external = None
                 rejection = Rejection(Reason.UNEXPECTED_SETTLE_ERROR,
@@ -253,10 +263,12 @@ class Settler:
         self._board.resolve(row.id, outcome)
         return outcome
 
-    async def _external_settlement(self, row: SettlementRow) -> Settled | None:
+    async def _external_settlement(self, row: SettlementRow, evidence: FrontRunEvidence
+                                   ) -> Settled | None:
         head = int(await self._chain.request("eth_blockNumber", []), 16)
         inclusion = await find_external_settlement(
-            self._chain, row.id, ExpectedTransfer(row.asset, row.payer, row.pay_to, row.amount),
+            self._chain, row.id, evidence,
+            ExpectedTransfer(row.asset, row.payer, row.pay_to, row.amount),
             row.nonce, exclude_tx=None, from_block=head - self._policy.front_run_lookback_blocks)
         if inclusion is None:
             return None
@@ -363,7 +375,7 @@ class Settler:
         self._broadcaster.resubmit(row, gas)
 
     async def _expire_unsent(self, row: SettlementRow) -> None:
-        reason = traits_of(row.transfer_method).expired_reason
+        reason = traits_of(row.scheme, row.transfer_method).expired_reason
         message = "recovery: the authorization expired before it was sent"
         self._count_failure("expired")
         await self._store.mark_failed(row.id, str(reason), message, expired=True)
@@ -371,7 +383,7 @@ class Settler:
 
     async def _recheck_gas(self, row: SettlementRow) -> int | Rejection:
         """The row's scheme's settlement checks at the current chain state."""
-        scheme = self._schemes.get(row.scheme)
+        scheme = self._schemes.get((row.scheme, TransferMethod(row.transfer_method)))
         if scheme is None:
             return Rejection(Reason.UNEXPECTED_SETTLE_ERROR,
                              f"scheme {row.scheme!r} is not served here")
@@ -405,7 +417,8 @@ def _failure(wire_network: str, payer: str, reason: Reason, message: str, row: S
 
 def _amount(row: SettlementRow) -> str | None:
     """upto answers carry the settled amount (the SDK requires it)."""
-    return str(row.amount) if traits_of(row.transfer_method).reports_amount else None
+    reports = traits_of(row.scheme, row.transfer_method).reports_amount
+    return str(row.amount) if reports else None
 
 
 def _recheck(row: SettlementRow) -> Checked:

@@ -10,8 +10,9 @@ Guarantees:
   chain may never come.
 - Success means status 1 *and* the asset's Transfer(payer, payTo, amount) log in the receipt.
 - A reverted transaction is checked for front-running: if another transaction consumed the
-  authorization (EIP-3009 AuthorizationUsed) and moved the money, the payment is recorded as
-  settled by that transaction (settled_by = external) — neither lost nor settled twice.
+  authorization (EIP-3009: AuthorizationUsed; exact Permit2: a call of the exact proxy's settle
+  for this owner and nonce) and moved the money, the payment is recorded as settled by that
+  transaction (settled_by = external) — neither lost nor settled twice.
 - A transaction the node no longer knows (dropped, node restart) is re-sent with the identical
   stored bytes while the authorization is valid; afterwards the row ends `expired` (with its
   transfer method's expiry reason: `schemes.common.traits_of`) and the signer nonce it held is
@@ -41,13 +42,15 @@ from facilitator.core.receipts import (
     authorization_used_filter,
     find_transfer_log,
     receipt_succeeded,
+    settles_exact_permit,
+    transfer_filter,
 )
 from facilitator.core.send_errors import already_known, nonce_taken
 from facilitator.core.settlement import Rejected, Settled, SettledBy, State, Unknown
 from facilitator.ports import Chain, RpcError, RpcUnavailable
 from facilitator.protocol.networks import Network
 from facilitator.protocol.reasons import Reason
-from facilitator.schemes.common import MethodTraits, traits_of
+from facilitator.schemes.common import FrontRunEvidence, MethodTraits, traits_of
 from facilitator.services.outcomes import OutcomeBoard
 from facilitator.invariant import invariant
 
@@ -91,7 +94,7 @@ class InFlight:
                    auth_nonce=row.nonce, valid_before=row.valid_before,
                    known_to_node=known_to_node, sent_at=now,
                    last_seen_at=float("-inf") if check_now else now,
-                   traits=traits_of(row.transfer_method))
+                   traits=traits_of(row.scheme, row.transfer_method))
 
     @classmethod
     def from_signed(cls, row: SettlementRow, tx: SignedTx, *, known_to_node: bool) -> InFlight:
@@ -103,7 +106,7 @@ class InFlight:
                    expected=ExpectedTransfer(row.asset, row.payer, row.pay_to, row.amount),
                    auth_nonce=row.nonce, valid_before=row.valid_before,
                    known_to_node=known_to_node, sent_at=now, last_seen_at=now,
-                   traits=traits_of(row.transfer_method))
+                   traits=traits_of(row.scheme, row.transfer_method))
 
 
 class Tracker:
@@ -270,13 +273,15 @@ class Tracker:
 
     async def _find_external_settlement(self, item: InFlight, receipt: dict[str, Any]
                                         ) -> Inclusion | None:
-        """Did another transaction consume this authorization (front-running)? Only EIP-3009
-        authorizations can be; the upto proxy only accepts its witness's facilitator (us)."""
-        if not item.traits.front_runnable:
+        """Did another transaction consume this authorization (front-running)? Only where the
+        traits say another sender can (EIP-3009, exact Permit2); the upto proxy only accepts
+        its witness's facilitator (us)."""
+        if item.traits.front_run is None:
             return None
         found = await find_external_settlement(
-            self._chain, item.settlement_id, item.expected, item.auth_nonce,
-            exclude_tx=item.hash_hex, from_block=int(receipt["blockNumber"], 16) - self._lookback)
+            self._chain, item.settlement_id, item.traits.front_run, item.expected,
+            item.auth_nonce, exclude_tx=item.hash_hex,
+            from_block=int(receipt["blockNumber"], 16) - self._lookback)
         if found is not None:
             log.warning("settlement %s was front-run by 0x%s", item.settlement_id,
                         found.tx_hash.hex())
@@ -352,11 +357,20 @@ class Tracker:
         await self.resign(item.settlement_id)
 
 
-async def find_external_settlement(chain: Chain, settlement_id: int, expected: ExpectedTransfer,
-                                   auth_nonce: bytes, *, exclude_tx: str | None, from_block: int
-                                   ) -> Inclusion | None:
-    """The transaction (not `exclude_tx`) that consumed this EIP-3009 authorization and paid
-    exactly what it promised, if any. A cancelled authorization pays nothing and is not found."""
+async def find_external_settlement(chain: Chain, settlement_id: int, evidence: FrontRunEvidence,
+                                   expected: ExpectedTransfer, auth_nonce: bytes, *,
+                                   exclude_tx: str | None, from_block: int) -> Inclusion | None:
+    """The transaction (not `exclude_tx`) that consumed this authorization and paid exactly
+    what it promised, if any, found by the evidence its transfer method leaves."""
+    finder = _FINDERS[evidence]
+    return await finder(chain, settlement_id, expected, auth_nonce, exclude_tx, from_block)
+
+
+async def _by_authorization_used(chain: Chain, settlement_id: int, expected: ExpectedTransfer,
+                                 auth_nonce: bytes, exclude_tx: str | None, from_block: int
+                                 ) -> Inclusion | None:
+    """EIP-3009: the token's AuthorizationUsed(payer, nonce) event. A cancelled authorization
+    pays nothing and is not found."""
     logs = await chain.request("eth_getLogs", [authorization_used_filter(
         expected.asset, expected.payer, auth_nonce, from_block)])
     for entry in logs or []:
@@ -368,6 +382,37 @@ async def find_external_settlement(chain: Chain, settlement_id: int, expected: E
             if log_index is not None:
                 return _inclusion(settlement_id, receipt, log_index, SettledBy.EXTERNAL)
     return None
+
+
+async def _by_exact_proxy_call(chain: Chain, settlement_id: int, expected: ExpectedTransfer,
+                               auth_nonce: bytes, exclude_tx: str | None, from_block: int
+                               ) -> Inclusion | None:
+    """Exact Permit2: Permit2 logs nothing per nonce, so a Transfer(payer -> payTo, amount) of
+    the asset counts only when its transaction called the exact proxy's settle for this owner
+    and nonce (a log exists only in a successful transaction)."""
+    logs = await chain.request("eth_getLogs", [transfer_filter(expected, from_block)])
+    nonce = int.from_bytes(auth_nonce, "big")
+    for entry in logs or []:
+        if entry.get("removed") or entry.get("transactionHash") == exclude_tx \
+                or int(entry.get("data") or "0x0", 16) != expected.amount:
+            continue
+        tx = await chain.request("eth_getTransactionByHash", [entry["transactionHash"]])
+        if settles_exact_permit(tx, expected, nonce):
+            return Inclusion(settlement_id=settlement_id,
+                             tx_hash=bytes.fromhex(entry["transactionHash"][2:]),
+                             block_number=int(entry["blockNumber"], 16),
+                             block_hash=bytes.fromhex(entry["blockHash"][2:]),
+                             log_index=int(entry["logIndex"], 16),
+                             settled_by=SettledBy.EXTERNAL)
+    return None
+
+
+_Finder = Callable[[Chain, int, ExpectedTransfer, bytes, str | None, int],
+                   Awaitable[Inclusion | None]]
+_FINDERS: dict[FrontRunEvidence, _Finder] = {
+    FrontRunEvidence.AUTHORIZATION_USED: _by_authorization_used,
+    FrontRunEvidence.EXACT_PROXY_CALL: _by_exact_proxy_call,
+}
 
 
 def _inclusion(settlement_id: int, receipt: dict[str, Any], log_index: int,

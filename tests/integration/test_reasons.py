@@ -286,14 +286,24 @@ def erc6492_wrapped(payer: LocalAccount, pay_to: str) -> Built:
     return body, counterfactual, NETWORK
 
 
-def permit2_payload(payer: LocalAccount, pay_to: str) -> Built:
-    reqs = requirements(pay_to, AMOUNT)
+def _permit2_payload(payer: LocalAccount, pay_to: str) -> dict[str, Any]:
+    """An exact Permit2 payload whose signature is an EIP-3009 one (not over the permit)."""
     signature = sign_authorization(payer, to=pay_to, value=AMOUNT)["signature"]
-    payload = {"signature": signature, "permit2Authorization": {
+    return {"signature": signature, "permit2Authorization": {
         "from": payer.address, "permitted": {"token": USDC, "amount": str(AMOUNT)},
         "spender": PERMIT2_PROXY, "nonce": str(int.from_bytes(os.urandom(16), "big")),
         "deadline": str(_now() + 300), "witness": {"to": pay_to, "validAfter": "0"}}}
-    return body_v2(payload, reqs), UNCHECKED, NETWORK
+
+
+def permit2_payload(payer: LocalAccount, pay_to: str) -> Built:
+    reqs = requirements(pay_to, AMOUNT)
+    return body_v2(_permit2_payload(payer, pay_to), reqs), UNCHECKED, NETWORK
+
+
+def v1_permit2_payload(payer: LocalAccount, pay_to: str) -> Built:
+    body = _signed_v1(payer, pay_to)
+    body["paymentPayload"]["payload"] = _permit2_payload(payer, pay_to)
+    return body, UNCHECKED, V1_NETWORK
 
 
 def x402_version(version: int) -> Builder:
@@ -382,7 +392,10 @@ OFFCHAIN_CASES: list[tuple[str, Builder, str]] = [
     ("signature-empty", empty_signature, "invalid_exact_evm_payload_signature"),
     ("signature-high-s", high_s_signature, "invalid_exact_evm_payload_signature"),
     ("erc6492", erc6492_wrapped, "eip6492_factory_not_allowed"),
-    ("permit2-payload", permit2_payload, "unsupported_payload_type"),
+    # exact over Permit2 is routed by payload shape (x402 v2 only), then checked as the SDK's
+    # verify_permit2 does: this permit's signature is not over it.
+    ("permit2-payload", permit2_payload, "invalid_permit2_signature"),
+    ("v1-permit2-payload", v1_permit2_payload, "unsupported_payload_type"),
     ("x402-version-3", x402_version(3), "invalid_x402_version"),
     ("x402-version-0", x402_version(0), "invalid_x402_version"),
     ("v1-scheme", v1_scheme, "unsupported_scheme"),
