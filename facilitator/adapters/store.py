@@ -72,14 +72,23 @@ _RECLAIM_FAILED = """
     WHERE id = $1 AND state = 'failed'""" + _RETURNING
 # An inclusion (seen in a receipt or in the chain watcher's logs) of in-flight rows. `tx_hash`
 # becomes the including transaction; `signed_tx_hash` keeps ours, if we signed one.
+# The watcher may have stored the paying Transfer before the inclusion was known (a front-run
+# found by the tracker, not by an event of the watched range): it is linked here, so an
+# auditor never sees a settlement's own transfer as unmatched.
 _MARK_INCLUDED = """
-    UPDATE settlements s SET state = 'included', tx_hash = u.tx_hash,
-        block_number = u.block_number, block_hash = u.block_hash,
-        log_index = u.log_index, settled_by = u.settled_by, included_at = clock_timestamp()
-    FROM unnest($1::bigint[], $2::bytea[], $3::bigint[], $4::bytea[], $5::int[], $6::text[])
-             AS u(id, tx_hash, block_number, block_hash, log_index, settled_by)
-    WHERE s.id = u.id AND s.state IN ('pending', 'signed', 'broadcast')
-    RETURNING s.id"""
+    WITH moved AS (
+        UPDATE settlements s SET state = 'included', tx_hash = u.tx_hash,
+            block_number = u.block_number, block_hash = u.block_hash,
+            log_index = u.log_index, settled_by = u.settled_by, included_at = clock_timestamp()
+        FROM unnest($1::bigint[], $2::bytea[], $3::bigint[], $4::bytea[], $5::int[], $6::text[])
+                 AS u(id, tx_hash, block_number, block_hash, log_index, settled_by)
+        WHERE s.id = u.id AND s.state IN ('pending', 'signed', 'broadcast')
+        RETURNING s.id, s.chain_id, s.block_hash, s.log_index),
+    linked AS (
+        UPDATE chain_transfers t SET settlement_id = m.id FROM moved m
+        WHERE t.chain_id = m.chain_id AND t.block_hash = m.block_hash
+          AND t.log_index = m.log_index AND t.settlement_id IS NULL)
+    SELECT id FROM moved"""
 _MARK_NEEDS_RESIGN = """
     UPDATE settlements SET state = 'pending', raw_tx = NULL, signer_nonce = NULL,
         signed_at = NULL, broadcast_at = NULL

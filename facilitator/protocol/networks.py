@@ -11,6 +11,7 @@ from enum import StrEnum
 
 BASE_SEPOLIA_CHAIN_ID = 84532
 BASE_SEPOLIA_USDC = "0x036cbd53842c5426634e7929541ec2318f3dcf7e"
+BASE_SEPOLIA_OPG = "0x240b09731d96979f50b2c649c9ce10fcf9c7987f"  # OpenGradient's payment token
 
 
 class TransferMethod(StrEnum):
@@ -48,8 +49,12 @@ BASE_SEPOLIA = Network(
     key="base-sepolia",
     chain_id=BASE_SEPOLIA_CHAIN_ID,
     v1_name="base-sepolia",
+    # Watched by the chain watcher (Transfers to payees, front-runs): USDC for `exact`, OPG
+    # for OpenGradient's `upto` sessions and `exact` over Permit2.
     assets=(Asset(address=BASE_SEPOLIA_USDC, eip712_name="USDC", eip712_version="2",
-                  decimals=6, symbol="USDC"),),
+                  decimals=6, symbol="USDC"),
+            Asset(address=BASE_SEPOLIA_OPG, eip712_name="OPG", eip712_version="2",
+                  decimals=18, symbol="OPG", transfer_method=TransferMethod.PERMIT2)),
 )
 
 

@@ -31,6 +31,7 @@ from harness import (
     upto_requirements,
     wait_until,
 )
+from rpc_proxy import RpcFaultProxy
 from web3 import Web3
 from x402 import x402Client, x402ResourceServer
 from x402.http import FacilitatorConfig, HTTPFacilitatorClient
@@ -41,7 +42,7 @@ from x402.schemas import PaymentRequired, PaymentRequirements, ResourceInfo
 from facilitator.devnet import contracts
 
 PRICE = 10_000
-FAST = {"FACILITATOR_WATCHER_POLL_S": "0.05"}
+FAST = {"FACILITATOR_WATCHER_POLL_INTERVAL_S": "0.05"}
 
 
 def exact_requirements(pay_to: str, amount: int = PRICE, *, asset: str = OPG
@@ -283,6 +284,46 @@ async def test_front_run_in_the_same_block_reverts_ours_and_is_settled_by_them(
     again = await facilitator.settle(body)
     assert again["success"] is True and again["transaction"] == front_run, again
     assert len(await transfers(chain, pay_to)) == 1
+
+
+async def test_a_front_run_transfer_the_watcher_stored_first_is_linked_to_the_payment(
+        chain, facilitator_factory, database_url):
+    """The watcher stores the front-runner's Transfer while our row is still in flight (the
+    node fails every receipt lookup, so the tracker cannot judge yet): it is unmatched then.
+    Once the tracker records the front-run, that transfer belongs to the payment."""
+    proxy = await RpcFaultProxy(chain.url).start()
+    try:
+        facilitator = await facilitator_factory(
+            FACILITATOR_RPC_URLS=proxy.url, FACILITATOR_RECEIPT_TIMEOUT_S="0.5", **FAST)
+        payer, pay_to = await permit2_payer(chain), Account.create().address
+        body = body_v2(sign_exact(payer, pay_to=pay_to), exact_requirements(pay_to))
+        async with chain.manual_mining(mine_on_exit=True):
+            pending = await facilitator.settle(body)
+            assert pending["errorReason"] == "settlement_pending", pending
+            proxy.failing.add("eth_getTransactionReceipt")
+            front_run = await _submit_to_proxy(chain, body["paymentPayload"]["payload"],
+                                               tip_gwei=100)
+            await chain.mine()
+
+            async def linked_to() -> list[Any]:
+                found = await db_fetch(database_url, "SELECT settlement_id FROM "
+                                       "chain_transfers WHERE tx_hash = $1",
+                                       bytes.fromhex(front_run[2:]))
+                return [r["settlement_id"] for r in found]
+
+            async def stored_unmatched() -> bool:
+                return await linked_to() == [None]
+            await wait_until(stored_unmatched, what="the watcher to store the transfer")
+            proxy.failing.clear()
+            [row] = await settlement_rows(database_url)
+
+            async def linked() -> bool:
+                return await linked_to() == [row["id"]]
+            await wait_until(linked, what="the front-runner's transfer linked to the payment")
+    finally:
+        await proxy.stop()
+    [row] = await settlement_rows(database_url)
+    assert row["settled_by"] == "external" and "0x" + bytes(row["tx_hash"]).hex() == front_run
 
 
 async def test_a_nonce_consumed_by_a_call_that_did_not_pay_this_payment_is_a_failure(
