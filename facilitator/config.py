@@ -15,7 +15,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -117,6 +117,9 @@ class Settings:
     log_level: str = "INFO"
     log_format: str = "json"
     secrets: tuple[str, ...] = field(default=(), repr=False)  # values the log filter redacts
+    # FACILITATOR_* variables set but read by nothing in this configuration (a misspelt name,
+    # or a setting of a part that is off): logged at start, names only.
+    unused_env: tuple[str, ...] = ()
 
 
 class _Reader:
@@ -221,8 +224,44 @@ def _crosscheck_settings(read: _Reader) -> CrossCheckSettings:
                                     high=30 * 86_400))
 
 
+# Read by the devnet and test tooling, not by the service.
+TOOLING_ENV = frozenset({"FACILITATOR_ANVIL_BIN", "FACILITATOR_EVENT_LOOP",
+                         "FACILITATOR_PG_BACKEND", "FACILITATOR_TEST_SEED"})
+
+
+class _RecordingEnv(dict[str, str]):
+    """The environment, remembering which names were looked up (to report the unused ones)."""
+
+    def __init__(self, items: Mapping[str, str]) -> None:
+        super().__init__(items)
+        self.asked: set[str] = set()
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        self.asked.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key: str) -> str:
+        self.asked.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        if isinstance(key, str):
+            self.asked.add(key)
+        return super().__contains__(key)
+
+
+def unused_env(env: _RecordingEnv) -> tuple[str, ...]:
+    return tuple(sorted(name for name in env if name.startswith("FACILITATOR_")
+                        and name not in env.asked and name not in TOOLING_ENV))
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
-    env = dict(os.environ if env is None else env)
+    env = _RecordingEnv(os.environ if env is None else env)
+    settings = _load(env)
+    return replace(settings, unused_env=unused_env(env))
+
+
+def _load(env: _RecordingEnv) -> Settings:
     toml = _load_toml(env.get("FACILITATOR_CONFIG", ""))
     read = _Reader(env, toml)
     key = _signer_key(env)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from decimal import Decimal
 from pathlib import Path
 
@@ -289,3 +290,30 @@ def test_crosscheck_settings_are_read_as_the_service_reads_them(tmp_path: Path) 
     assert crosscheck_settings({}).og_chain_id == 10740
     with pytest.raises(ConfigError, match="FACILITATOR_ATTESTATION_SETTLE_WINDOW_S"):
         crosscheck_settings({"FACILITATOR_ATTESTATION_SETTLE_WINDOW_S": "0"})
+
+
+def test_unused_facilitator_variables_are_reported() -> None:
+    s = load_settings(minimal_env(FACILITATOR_WATCHER_POLL_S="0.05",
+                                  FACILITATOR_OG_SIGNER_KEY=KEY, FACILITATOR_PG_BACKEND="debian",
+                                  FACILITATOR_PORT="4100", OTHER_TOOL_SETTING="x"))
+    assert s.unused_env == (
+        "FACILITATOR_OG_SIGNER_KEY",  # the OpenGradient part is off: nothing reads it
+        "FACILITATOR_WATCHER_POLL_S")  # misspelt: the setting is ..._POLL_INTERVAL_S
+    assert load_settings(minimal_env()).unused_env == ()
+
+
+def test_every_documented_variable_is_read() -> None:
+    """The README's settings table names only variables the configuration reads (with the
+    OpenGradient part and its relay on, so its variables are read too)."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    documented = set(re.findall(r"^\| `(FACILITATOR_[A-Z0-9_]+)`", readme, re.MULTILINE))
+    env = minimal_env(FACILITATOR_OG_RPC_URLS="http://127.0.0.1:1",
+                      FACILITATOR_DATA_RELAY="on", FACILITATOR_OG_SIGNER_KEY=KEY,
+                      FACILITATOR_BLOBSTORE_URL="http://127.0.0.1:2",
+                      **{v: "0x" + "11" * 20 for v in ("FACILITATOR_TEE_REGISTRY",
+                                                       "FACILITATOR_SETTLEMENT_RELAY",
+                                                       "FACILITATOR_SETTLEMENT_RELAYER")})
+    documented.discard("FACILITATOR_SIGNER_KEY_FILE")  # the alternative to ..._SIGNER_KEY
+    env.update({name: "" for name in documented if name not in env})  # "" reads as unset
+    unused = set(load_settings(env).unused_env)
+    assert not unused & documented, sorted(unused & documented)
