@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import asyncpg
 from aiohttp import web
 
 from facilitator.adapters.attestations import AttestationStore
@@ -69,6 +70,17 @@ class _NetworkRuntime:
     watcher: ChainWatcher
 
 
+async def connect_store(database_url: Secret, **pool: int) -> Store:
+    """The database, or a `StartupError` that says why without the URL (it may hold a
+    password): an unreachable database stops start-up with one line, not a traceback."""
+    try:
+        return await Store.connect(database_url.reveal(), **pool)
+    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError,
+            asyncpg.InterfaceError) as exc:
+        raise StartupError(f"database (DATABASE_URL) unreachable: {type(exc).__name__}: "
+                           f"{str(exc).replace(database_url.reveal(), '***')}") from None
+
+
 @dataclass
 class Facilitator:
     settings: Settings
@@ -93,7 +105,7 @@ class Facilitator:
     async def create(cls, settings: Settings) -> Facilitator:
         metrics = Metrics(networks=tuple(ns.network.key for ns in settings.networks),
                           causes=tuple(str(r) for r in Reason))
-        store = await Store.connect(settings.database_url.reveal(), max_size=settings.db_pool_size)
+        store = await connect_store(settings.database_url, max_size=settings.db_pool_size)
         metrics.track_db_pool(store.pool)
         try:
             await store.migrate()
@@ -275,7 +287,7 @@ class WatchService:
     async def create(cls, settings: Settings) -> WatchService:
         metrics = Metrics(networks=tuple(ns.network.key for ns in settings.networks),
                           causes=tuple(str(r) for r in Reason))
-        store = await Store.connect(settings.database_url.reveal(), min_size=1, max_size=4)
+        store = await connect_store(settings.database_url, min_size=1, max_size=4)
         metrics.track_db_pool(store.pool)
         try:
             await store.migrate()

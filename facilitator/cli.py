@@ -22,6 +22,7 @@ from facilitator.audit.cli import add_audit_parser, run_audit
 from facilitator.audit.crosscheck_cli import add_crosscheck_parser, run_crosscheck
 from facilitator.config import (
     ConfigError,
+    Secret,
     Settings,
     StartupError,
     database_url_from_env,
@@ -105,6 +106,8 @@ async def _watch(args: argparse.Namespace) -> int:
 def _settings_with_logging() -> Settings:
     settings = load_settings()
     configure_logging(settings.log_level, settings.log_format, settings.secrets)
+    for name in settings.unused_env:  # names only: a value may be a secret
+        log.warning("environment variable %s is set but not used by this configuration", name)
     return settings
 
 
@@ -118,10 +121,10 @@ async def _run_until_signalled(service: _Service) -> None:
 
 
 async def _migrate(args: argparse.Namespace) -> int:
-    from facilitator.adapters.store import Store
+    from facilitator.app import connect_store
 
     configure_logging("INFO", "text")
-    store = await Store.connect(database_url_from_env(), min_size=1, max_size=2)
+    store = await connect_store(Secret(database_url_from_env()), min_size=1, max_size=2)
     try:
         applied = await store.migrate()
     finally:

@@ -139,3 +139,22 @@ async def test_the_watch_command_exits_with_one_line_on_a_wrong_chain(og_chain,
         "facilitator: start-up failed: the RPC of base-sepolia serves chain 10740, "
         "expected 84532")
     assert "Traceback" not in stderr.decode()
+
+
+@pytest.mark.parametrize("command", ["serve", "watch", "migrate"])
+async def test_an_unreachable_database_stops_start_up_with_one_line(command: str) -> None:
+    """No traceback and no password: the reason, the variable, exit code 1."""
+    password = "Pw-not-to-be-shown-42"
+    env = {**os.environ, "DATABASE_URL": f"postgresql://u:{password}@127.0.0.1:{free_port()}/x",
+           "FACILITATOR_SIGNER_KEY": "11" * 32, "FACILITATOR_RPC_URLS": "http://127.0.0.1:9",
+           "FACILITATOR_EVENT_LOOP": "asyncio"}
+    env.pop("FACILITATOR_CONFIG", None)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "facilitator.cli", command, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, stderr = await asyncio.wait_for(process.communicate(), 60)
+    text = stderr.decode()
+    assert process.returncode == 1, text
+    assert text.strip().splitlines()[-1].startswith(
+        "facilitator: start-up failed: database (DATABASE_URL) unreachable: "), text
+    assert "Traceback" not in text and password not in text
