@@ -129,6 +129,7 @@ class Tracker:
         self._last_head = -1
         self._receipt_recheck_s = receipt_recheck_s
         self._checked_at = float("-inf")
+        self._pass_failed = False
         # The sweep: how often, and how long a row must be unchanged before it is adopted (so a
         # /settle between its claim and its broadcast is never taken over).
         self.adopt_interval_s = adopt_interval_s
@@ -219,12 +220,23 @@ class Tracker:
         self._metrics.signer_inflight.labels(self.network.key, self.signer).set(len(self._inflight))
         if not self._inflight:
             return
+        try:
+            await self._check_receipts_when_due(woken)
+        finally:  # a failing receipt pass must not stop dropped transactions being re-sent
+            await self._resend_stale()
+
+    async def _check_receipts_when_due(self, woken: bool) -> None:
+        """A pass per new head (or wake), and every `receipt_recheck_s` regardless. A head
+        counts as checked only after a complete pass; a failed pass is retried after
+        `receipt_recheck_s`, not at every poll."""
         head = int(await self._chain.request("eth_blockNumber", []), 16)
         now = time.monotonic()
-        if head != self._last_head or woken or now - self._checked_at >= self._receipt_recheck_s:
-            await self._check_receipts()
-            self._last_head, self._checked_at = head, now  # only once the pass is complete
-        await self._resend_stale()
+        new_head = head != self._last_head and not self._pass_failed
+        if not (new_head or woken or now - self._checked_at >= self._receipt_recheck_s):
+            return
+        self._checked_at, self._pass_failed = now, True
+        await self._check_receipts()
+        self._last_head, self._pass_failed = head, False
 
     async def _check_receipts(self) -> None:
         items = list(self._inflight.values())
@@ -235,10 +247,21 @@ class Tracker:
             included: list[tuple[InFlight, Inclusion]] = []
             for item, receipt in zip(chunk, receipts, strict=True):
                 if isinstance(receipt, dict):
-                    found = await self._judge(item, receipt)
+                    found = await self._judge_or_keep(item, receipt)
                     if found is not None:
                         included.append((item, found))
             await self._record_inclusions(included)
+
+    async def _judge_or_keep(self, item: InFlight, receipt: dict[str, Any]
+                             ) -> Inclusion | None:
+        """`_judge`, except that a node failing the follow-up lookups (front-run search,
+        block) leaves this one item in flight for the next pass instead of the whole pass."""
+        try:
+            return await self._judge(item, receipt)
+        except (RpcUnavailable, RpcError) as exc:
+            log.warning("settlement %s on %s: receipt not judged yet: %s", item.settlement_id,
+                        self.network.key, exc)
+            return None
 
     async def _judge(self, item: InFlight, receipt: dict[str, Any]) -> Inclusion | None:
         """An Inclusion for a paying receipt; anything else is settled here and now."""

@@ -186,6 +186,37 @@ async def test_dropped_transaction_is_resent_with_identical_bytes(chain, facilit
     assert len(await chain.transfer_logs_to(pay_to)) == 1
 
 
+async def test_a_failing_receipt_pass_does_not_stop_resending(chain, facilitator_factory):
+    """The node fails every receipt lookup: a dropped transaction is re-sent all the same (the
+    receipt pass and the re-send are independent steps)."""
+    proxy = await RpcFaultProxy(chain.url).start()
+    try:
+        facilitator = await facilitator_factory(
+            FACILITATOR_RPC_URLS=proxy.url, FACILITATOR_RECEIPT_TIMEOUT_S="0.5",
+            FACILITATOR_RESEND_AFTER_S="0.3")
+        payer, pay_to = await chain.new_payer(), Account.create().address
+        body = pay(payer, pay_to)
+        async with chain.manual_mining(mine_on_exit=True):
+            pending = await facilitator.settle(body)
+            tx_hash = pending["transaction"]
+            proxy.failing.add("eth_getTransactionReceipt")
+
+            async def receipt_pass_failed() -> bool:  # 1 + 3 retries of one pass
+                return proxy.refused["eth_getTransactionReceipt"] >= 4
+            await wait_until(receipt_pass_failed, what="a receipt pass to fail")
+            await chain.rpc("anvil_dropAllTransactions", [])
+
+            async def back_in_pool() -> bool:
+                return await chain.rpc("eth_getTransactionByHash", [tx_hash]) is not None
+            await wait_until(back_in_pool, what="the re-send while receipts fail")
+            proxy.failing.clear()
+            await chain.mine()
+            final = await facilitator.settle(body)
+    finally:
+        await proxy.stop()
+    assert final["success"] and final["transaction"] == tx_hash
+
+
 async def test_authorization_front_run_before_settle_is_recorded_as_external(
         chain, facilitator):
     payer, pay_to = await chain.new_payer(), Account.create().address
