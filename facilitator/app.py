@@ -75,6 +75,8 @@ async def connect_store(database_url: Secret, **pool: int) -> Store:
     password): an unreachable database stops start-up with one line, not a traceback."""
     try:
         return await Store.connect(database_url.reveal(), **pool)
+    except ValueError:  # the URL did not parse: its text may hold parts of the password
+        raise StartupError("DATABASE_URL is malformed (is the password URL-encoded?)") from None
     except (OSError, asyncio.TimeoutError, asyncpg.PostgresError,
             asyncpg.InterfaceError) as exc:
         raise StartupError(f"database (DATABASE_URL) unreachable: {type(exc).__name__}: "

@@ -141,10 +141,15 @@ async def test_the_watch_command_exits_with_one_line_on_a_wrong_chain(og_chain,
     assert "Traceback" not in stderr.decode()
 
 
-@pytest.mark.parametrize("command", ["serve", "watch", "migrate"])
-async def test_an_unreachable_database_stops_start_up_with_one_line(command: str) -> None:
-    """No traceback and no password: the reason, the variable, exit code 1."""
-    password = "Pw-not-to-be-shown-42"
+@pytest.mark.parametrize(("command", "password", "reason"), [
+    ("serve", "Pw-not-to-be-shown-42", "database (DATABASE_URL) unreachable: "),
+    ("watch", "Pw-not-to-be-shown-42", "database (DATABASE_URL) unreachable: "),
+    ("migrate", "Pw-not-to-be-shown-42", "database (DATABASE_URL) unreachable: "),
+    ("migrate", "p@ss:w0rdSecret", "DATABASE_URL is malformed"),  # '@' and ':' not encoded
+])
+async def test_an_unusable_database_url_stops_start_up_with_one_line(
+        command: str, password: str, reason: str) -> None:
+    """No traceback and no part of the password: the reason, the variable, exit code 1."""
     env = {**os.environ, "DATABASE_URL": f"postgresql://u:{password}@127.0.0.1:{free_port()}/x",
            "FACILITATOR_SIGNER_KEY": "11" * 32, "FACILITATOR_RPC_URLS": "http://127.0.0.1:9",
            "FACILITATOR_EVENT_LOOP": "asyncio"}
@@ -156,5 +161,6 @@ async def test_an_unreachable_database_stops_start_up_with_one_line(command: str
     text = stderr.decode()
     assert process.returncode == 1, text
     assert text.strip().splitlines()[-1].startswith(
-        "facilitator: start-up failed: database (DATABASE_URL) unreachable: "), text
+        "facilitator: start-up failed: " + reason), text
     assert "Traceback" not in text and password not in text
+    assert "w0rd" not in text and "not-to-be-shown" not in text  # nor a part of it
