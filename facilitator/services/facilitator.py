@@ -34,7 +34,7 @@ from facilitator.protocol.responses import SettleResponse, VerifyResponse
 from facilitator.adapters.sessions import SessionStore
 from facilitator.protocol import fields as f
 from facilitator.protocol.permit2 import parse_usage_metadata
-from facilitator.schemes.common import Checked, Scheme, SchemeKey
+from facilitator.schemes.common import Checked, Scheme, SchemeKey, traits_of
 from facilitator.services.recorder import VerificationRecorder
 from facilitator.services.settler import Settler
 
@@ -125,8 +125,9 @@ class FacilitatorService:
             return VerifyResponse(False, checked.reason, checked.message, _payer_of(routed.request))
         intent = checked.intent
         if routed.services.settler.is_in_flight(intent.asset, intent.payer, intent.nonce):
-            return VerifyResponse(False, Reason.NONCE_ALREADY_USED,
-                                  "this authorization is being settled", checked.payer)
+            reason = traits_of(intent.scheme, intent.transfer_method).nonce_used_reason
+            return VerifyResponse(False, reason, "this authorization is being settled",
+                                  checked.payer)
         try:
             verdict = await routed.scheme.check_onchain(checked, for_settle=False)
         except RpcUnavailable as exc:

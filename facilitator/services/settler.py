@@ -150,7 +150,9 @@ class Settler:
             row = await self._store.get(row.id) or row
         if not same:  # another payment's record: answer without exposing it
             return SettleResponse(success=False, network=wire_network,
-                                  error_reason=Reason.NONCE_ALREADY_USED, payer=checked.payer,
+                                  error_reason=_nonce_used(checked.intent.scheme,
+                                                           checked.intent.transfer_method),
+                                  payer=checked.payer,
                                   error_message="this authorization nonce belongs to another "
                                                 "payment")
         if row.state in IN_FLIGHT:
@@ -312,7 +314,8 @@ class Settler:
             self._metrics.settle_replays.labels(self.network.key, self._policy.duplicates).inc()
             if self._policy.duplicates == "reject":
                 return SettleResponse(
-                    success=False, network=wire_network, error_reason=Reason.NONCE_ALREADY_USED,
+                    success=False, network=wire_network,
+                    error_reason=_nonce_used(row.scheme, row.transfer_method),
                     error_message="this payment was already settled and its success answered",
                     transaction=transaction, payer=payer, amount=_amount(row),
                     extensions=_extensions(row.public_id, row.state))
@@ -413,6 +416,11 @@ def _failure(wire_network: str, payer: str, reason: Reason, message: str, row: S
     return SettleResponse(success=False, network=wire_network, error_reason=reason,
                           error_message=message, payer=payer, transaction=transaction,
                           amount=_amount(row), extensions=_extensions(row.public_id, row.state))
+
+
+def _nonce_used(scheme: str, transfer_method: str) -> Reason:
+    """The SDK's reason for a used nonce, per transfer method (EIP-3009 or Permit2)."""
+    return traits_of(scheme, transfer_method).nonce_used_reason
 
 
 def _amount(row: SettlementRow) -> str | None:

@@ -202,7 +202,7 @@ async def test_a_nonce_used_by_upto_cannot_pay_exact(chain, facilitator, databas
     assert (await facilitator.verify(body))["invalidReason"] == "permit2_invalid_nonce"
     answer = await facilitator.settle(body)
     assert answer["success"] is False
-    assert answer["errorReason"] == "invalid_exact_evm_nonce_already_used", answer
+    assert answer["errorReason"] == "permit2_invalid_nonce", answer
     assert len(await transfers(chain, pay_to)) == 1
     assert len(await settlement_rows(database_url)) == 1
 
