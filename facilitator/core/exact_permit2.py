@@ -133,12 +133,14 @@ def check_offchain(ctx: ExactPermit2Context) -> Rejection | None:
 
 
 def classify_exact_proxy_revert(revert: str) -> Reason | None:
-    """The SDK's `_map_settle_error` (exact Permit2), over our decoded revert text."""
-    table = (("InvalidDestination", Reason.EXACT_PERMIT2_INVALID_DESTINATION),
+    """The SDK's `_map_settle_error` (exact Permit2), over our decoded revert text, in its
+    order; anything else (e.g. Permit2's `InvalidSigner`) is the caller's `transaction_failed`."""
+    table = (("Permit2612AmountMismatch", Reason.PERMIT2_2612_AMOUNT_MISMATCH),
+             ("InvalidAmount", Reason.EXACT_PERMIT2_INVALID_AMOUNT),
+             ("InvalidDestination", Reason.EXACT_PERMIT2_INVALID_DESTINATION),
              ("InvalidOwner", Reason.EXACT_PERMIT2_INVALID_OWNER),
              ("PaymentTooEarly", Reason.PERMIT2_PAYMENT_TOO_EARLY),
              ("InvalidSignature", Reason.PERMIT2_INVALID_SIGNATURE),
-             ("InvalidSigner", Reason.PERMIT2_INVALID_SIGNATURE),
              ("SignatureExpired", Reason.PERMIT2_INVALID_SIGNATURE),
              ("InvalidNonce", Reason.PERMIT2_INVALID_NONCE))
     return next((reason for name, reason in table if name in revert), None)

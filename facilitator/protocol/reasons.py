@@ -67,8 +67,9 @@ class Reason(StrEnum):
     PERMIT2_PAYMENT_TOO_EARLY = "permit2_payment_too_early"
     PERMIT2_2612_AMOUNT_MISMATCH = "permit2_2612_amount_mismatch"
     UNSUPPORTED_PAYLOAD_TYPE = "unsupported_payload_type"
-    # exact Permit2 proxy reverts: the SDK's exact `_map_settle_error` spells these two
+    # exact Permit2 proxy reverts: the SDK's exact `_map_settle_error` spells these three
     # differently from the constants its upto mapper uses.
+    EXACT_PERMIT2_INVALID_AMOUNT = "invalid_permit2_amount"
     EXACT_PERMIT2_INVALID_DESTINATION = "invalid_permit2_destination"
     EXACT_PERMIT2_INVALID_OWNER = "invalid_permit2_owner"
 

@@ -23,6 +23,7 @@ from facilitator.core.exact_permit2 import (
     EXACT_PROXY_ADDRESS,
     ExactPermit2Context,
     check_offchain,
+    classify_exact_proxy_revert,
     exact_permit_digest,
 )
 from facilitator.core.permit2 import PERMIT2_ADDRESS
@@ -186,3 +187,16 @@ def test_checks_follow_the_sdk_order() -> None:
         else:
             bad["permit2Authorization"][field] = fixes[field]
     assert check_offchain(_context(bad)) is None
+
+
+@pytest.mark.parametrize("error", [
+    "Permit2612AmountMismatch()", "InvalidAmount()", "InvalidDestination()", "InvalidOwner()",
+    "PaymentTooEarly()", "InvalidSignature()", "SignatureExpired(1)", "InvalidNonce()",
+    "InvalidSigner()", "ERC20InsufficientBalance(0x01, 1, 2)", "execution reverted"])
+def test_proxy_reverts_map_as_the_sdk_maps_them(error: str) -> None:
+    """Our classification equals the SDK's own `_map_settle_error` on the same text."""
+    from x402.mechanisms.evm.exact.permit2_utils import _map_settle_error
+
+    sdk = _map_settle_error(Exception(error), "eip155:84532", "0x" + "11" * 20).error_reason
+    ours = classify_exact_proxy_revert(error) or Reason.TRANSACTION_FAILED
+    assert str(ours) == sdk
