@@ -98,6 +98,13 @@ _INCLUSION_CANDIDATES = """
     FROM settlements s
     WHERE s.chain_id = $1 AND s.tx_hash = ANY($6::bytea[])
       AND s.state IN ('signed', 'broadcast')"""
+_LINK_LATE_INCLUSIONS = """
+    UPDATE chain_transfers t SET settlement_id = s.id
+    FROM settlements s
+    WHERE t.chain_id = $1 AND t.settlement_id IS NULL
+      AND t.observed_at > clock_timestamp() - make_interval(secs => $2)
+      AND s.tx_hash = t.tx_hash AND s.chain_id = t.chain_id AND s.block_hash = t.block_hash
+      AND s.log_index = t.log_index AND s.state IN ('included', 'confirmed')"""
 _RECORD_TRANSFERS = """
     INSERT INTO chain_transfers (chain_id, block_number, block_hash, tx_hash, log_index, asset,
         from_address, to_address, amount, settlement_id)
@@ -249,6 +256,13 @@ def _block_values(chain_id: int, b: Block) -> tuple[object, ...]:
 class PaymentChainState(ChainState):
     """The payment chain's derived facts: settlement inclusions seen in logs, confirmations,
     watched transfers."""
+
+    async def link_late_inclusions(self, within_s: float) -> int:
+        """Link recent unmatched transfers to the settlement they turned out to pay (an
+        inclusion recorded after the transfer was stored, e.g. a front-run the tracker found
+        while the watcher's transaction was storing it). Returns how many were linked."""
+        done = await self.pool.execute(_LINK_LATE_INCLUSIONS, self.chain_id, within_s)
+        return int(done.split()[-1])
 
     async def watched_payees(self, candidates: Sequence[str], configured: frozenset[str]
                              ) -> set[str]:

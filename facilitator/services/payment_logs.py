@@ -38,6 +38,9 @@ AUTHORIZATION_USED = "0x" + AUTHORIZATION_USED_TOPIC.hex()
 UNFINISHED_STATES = ("pending", "signed", "broadcast", "included")
 # Lower bounds of the age buckets after the first, in seconds (counted in SQL).
 AGE_BOUNDS_S = (30.0, 300.0, 3600.0)
+# How far back unmatched transfers are re-linked to late inclusions (bounded work per pass;
+# the tracker records a front-run within seconds of its block).
+LATE_LINK_WINDOW_S = 3600.0
 _BUCKET_LABELS = tuple(age_bucket(b) for b in (0.0, *AGE_BOUNDS_S))
 invariant(_BUCKET_LABELS == AGE_BUCKETS, "AGE_BOUNDS_S must match metrics.age_bucket")
 
@@ -89,6 +92,7 @@ class PaymentLogs:
 
     async def housekeeping(self, processed: int) -> None:
         await self._unwind_orphaned()
+        await self._state.link_late_inclusions(LATE_LINK_WINDOW_S)
         await self._confirm()
         await self._report_unfinished()
 
