@@ -34,6 +34,11 @@ UPTO_PROXY_SETTLE = selector(
     "settle(((address,uint256),uint256,uint256),uint256,address,(address,address,uint256),bytes)")
 EXACT_PROXY_SETTLE = selector(
     "settle(((address,uint256),uint256,uint256),address,(address,uint256),bytes)")
+# The real proxy's EIP-2612 variant (the SDK's gas-sponsoring extension): a static
+# (value, deadline, r, s, v) tuple first, then `settle`'s arguments.
+EXACT_PROXY_SETTLE_WITH_PERMIT = selector(
+    "settleWithPermit((uint256,uint256,bytes32,bytes32,uint8),"
+    "((address,uint256),uint256,uint256),address,(address,uint256),bytes)")
 
 ERC1271_MAGIC = bytes.fromhex("1626ba7e")
 TRANSFER_TOPIC = keccak(b"Transfer(address,address,uint256)")
@@ -115,11 +120,13 @@ def exact_proxy_settle(settle: ExactProxySettle, signature: bytes) -> bytes:
 
 
 def decode_exact_proxy_settle(calldata: bytes) -> ExactProxySettle | None:
-    """The static arguments of a settle call on the exact proxy, or None for any other call.
-    Trailing bytes (a data suffix some senders append) are ignored."""
-    if calldata[:4] != EXACT_PROXY_SETTLE or len(calldata) < 4 + 7 * 32:
+    """The static arguments of a `settle` or `settleWithPermit` call on the exact proxy, or
+    None for any other call. Trailing bytes (a data suffix some senders append) are ignored."""
+    skip = {EXACT_PROXY_SETTLE: 0, EXACT_PROXY_SETTLE_WITH_PERMIT: 5}.get(calldata[:4])
+    if skip is None or len(calldata) < 4 + (skip + 7) * 32:
         return None
-    words = [calldata[4 + 32 * i:4 + 32 * (i + 1)] for i in range(7)]
+    start = 4 + 32 * skip
+    words = [calldata[start + 32 * i:start + 32 * (i + 1)] for i in range(7)]
     number = [int.from_bytes(w, "big") for w in words]
     return ExactProxySettle(token="0x" + words[0][12:].hex(), amount=number[1], nonce=number[2],
                             deadline=number[3], owner="0x" + words[4][12:].hex(),

@@ -58,6 +58,7 @@ log = logging.getLogger("facilitator.tracker")
 
 RECEIPT_CHUNK = 200
 ADOPT_LIMIT = 100  # rows adopted per sweep (the next sweep takes the following ones)
+FRONT_RUN_CANDIDATES = 100  # equal transfers examined per exact-Permit2 front-run search
 
 
 @dataclass(slots=True)
@@ -415,11 +416,14 @@ async def _by_exact_proxy_call(chain: Chain, settlement_id: int, expected: Expec
     and nonce (a log exists only in a successful transaction)."""
     logs = await chain.request("eth_getLogs", [transfer_filter(expected, from_block)])
     nonce = int.from_bytes(auth_nonce, "big")
-    for entry in logs or []:
-        if entry.get("removed") or entry.get("transactionHash") == exclude_tx \
-                or int(entry.get("data") or "0x0", 16) != expected.amount:
-            continue
-        tx = await chain.request("eth_getTransactionByHash", [entry["transactionHash"]])
+    # Newest first and bounded: a payer paying one payee a fixed price has many equal
+    # transfers in the window, and the one that consumed this permit is recent.
+    candidates = [e for e in reversed(logs or []) if not e.get("removed")
+                  and e.get("transactionHash") != exclude_tx
+                  and int(e.get("data") or "0x0", 16) == expected.amount][:FRONT_RUN_CANDIDATES]
+    txs = await chain.request_many(
+        [("eth_getTransactionByHash", [e["transactionHash"]]) for e in candidates])
+    for entry, tx in zip(candidates, txs, strict=True):
         if settles_exact_permit(tx, expected, nonce):
             return Inclusion(settlement_id=settlement_id,
                              tx_hash=bytes.fromhex(entry["transactionHash"][2:]),

@@ -16,6 +16,7 @@ from x402.mechanisms.evm.constants import (
     PERMIT2_WITNESS_TYPES,
     X402_EXACT_PERMIT2_PROXY_ABI,
     X402_EXACT_PERMIT2_PROXY_ADDRESS,
+    X402_EXACT_PERMIT2_PROXY_SETTLE_WITH_PERMIT_ABI,
 )
 
 from facilitator.core import abi
@@ -105,6 +106,26 @@ def test_decode_refuses_other_calls() -> None:
     assert abi.decode_exact_proxy_settle(abi.UPTO_PROXY_SETTLE + data[4:]) is None
     assert abi.decode_exact_proxy_settle(data[:100]) is None
     assert EXACT_PROXY_ADDRESS == X402_EXACT_PERMIT2_PROXY_ADDRESS.lower()
+
+
+def test_a_settle_with_permit_call_is_front_run_evidence_too() -> None:
+    """The real proxy's EIP-2612 variant (the SDK uses it with the gas-sponsoring extension),
+    encoded from the SDK's own ABI, names the same owner, nonce and payment."""
+    s = _settle_args(7)
+    [function] = X402_EXACT_PERMIT2_PROXY_SETTLE_WITH_PERMIT_ABI
+    assert [i["type"] for i in function["inputs"]] == ["tuple", "tuple", "address", "tuple",
+                                                       "bytes"]
+    types = ["(uint256,uint256,bytes32,bytes32,uint8)", "((address,uint256),uint256,uint256)",
+             "address", "(address,uint256)", "bytes"]
+    calldata = keccak(text=f"settleWithPermit({','.join(types)})")[:4] + abi_encode(
+        types, [(s.amount, s.deadline, os.urandom(32), os.urandom(32), 27),
+                ((s.token, s.amount), s.nonce, s.deadline), s.owner, (s.to, s.valid_after),
+                os.urandom(65)])
+    assert abi.decode_exact_proxy_settle(calldata) == s
+    tx = {"to": X402_EXACT_PERMIT2_PROXY_ADDRESS, "input": "0x" + calldata.hex()}
+    expected = ExpectedTransfer(s.token, s.owner, s.to, s.amount)
+    assert settles_exact_permit(tx, expected, s.nonce)
+    assert not settles_exact_permit(tx, expected, s.nonce ^ 1)
 
 
 def test_front_run_evidence_must_name_this_owner_nonce_and_payment() -> None:
