@@ -51,6 +51,9 @@ log = logging.getLogger("facilitator.devnet")
 
 DEVNET_DIR = REPO_ROOT / ".devnet"
 DEVNET_DB = "facilitator_devnet"
+# Identifiers cannot be query parameters: the statements are constant text (no formatting).
+_DROP_DEVNET_DB = 'DROP DATABASE IF EXISTS "facilitator_devnet" WITH (FORCE)'
+_CREATE_DEVNET_DB = 'CREATE DATABASE "facilitator_devnet"'
 OWNER_KEY = DEV_KEYS[0]
 PAYER_KEYS = DEV_KEYS[1:6]
 OG_ADMIN_KEY = DEV_KEYS[0]     # deploys the OG contracts; TEE operator; relay admin
@@ -162,8 +165,8 @@ class Devnet:
         admin_dsn = await self.postgres.start()
         conn = await asyncpg.connect(admin_dsn)
         try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{DEVNET_DB}" WITH (FORCE)')
-            await conn.execute(f'CREATE DATABASE "{DEVNET_DB}"')
+            await conn.execute(_DROP_DEVNET_DB)
+            await conn.execute(_CREATE_DEVNET_DB)
         finally:
             await conn.close()
         return admin_dsn.rsplit("/", 1)[0] + "/" + DEVNET_DB
