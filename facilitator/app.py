@@ -83,6 +83,21 @@ async def connect_store(database_url: Secret, **pool: int) -> Store:
                            f"{str(exc).replace(database_url.reveal(), '***')}") from None
 
 
+
+async def _metrics_and_migrated_store(settings: Settings, **pool: int
+                                      ) -> tuple[Metrics, Store]:
+    """What every service process opens first: its metrics and the migrated database."""
+    metrics = Metrics(networks=tuple(ns.network.key for ns in settings.networks),
+                      causes=tuple(str(r) for r in Reason))
+    store = await connect_store(settings.database_url, **pool)
+    metrics.track_db_pool(store.pool)
+    try:
+        await store.migrate()
+    except Exception:
+        await store.close()
+        raise
+    return metrics, store
+
 @dataclass
 class Facilitator:
     settings: Settings
@@ -105,15 +120,8 @@ class Facilitator:
 
     @classmethod
     async def create(cls, settings: Settings) -> Facilitator:
-        metrics = Metrics(networks=tuple(ns.network.key for ns in settings.networks),
-                          causes=tuple(str(r) for r in Reason))
-        store = await connect_store(settings.database_url, max_size=settings.db_pool_size)
-        metrics.track_db_pool(store.pool)
-        try:
-            await store.migrate()
-        except Exception:
-            await store.close()
-            raise
+        metrics, store = await _metrics_and_migrated_store(settings,
+                                                           max_size=settings.db_pool_size)
         recorder = VerificationRecorder(store, metrics)
         sessions = SessionStore(store.pool)
         runtimes = {ns.network.key: _build_network(ns, settings, store, sessions, metrics)
@@ -287,15 +295,7 @@ class WatchService:
 
     @classmethod
     async def create(cls, settings: Settings) -> WatchService:
-        metrics = Metrics(networks=tuple(ns.network.key for ns in settings.networks),
-                          causes=tuple(str(r) for r in Reason))
-        store = await connect_store(settings.database_url, min_size=1, max_size=4)
-        metrics.track_db_pool(store.pool)
-        try:
-            await store.migrate()
-        except Exception:
-            await store.close()
-            raise
+        metrics, store = await _metrics_and_migrated_store(settings, min_size=1, max_size=4)
         service = cls(settings=settings, metrics=metrics, store=store, chains=[], watchers=[])
         for ns in settings.networks:
             chain = _rpc_client(ns.rpc_urls, ns.network.key, settings, metrics)
