@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import Protocol
 
 from facilitator.core.ecdsa import recover_address
 from facilitator.core.eip712 import domain_separator, transfer_authorization_digest
@@ -54,13 +55,20 @@ class ExactContext:
     now: int
 
 
-def _scheme(ctx: ExactContext) -> Rejection | None:
+class _WithRequest(Protocol):
+    @property
+    def request(self) -> PaymentRequest: ...
+
+
+# The first two checks of every `exact` payment, whatever its transfer method
+# (`core.exact_permit2` runs them too).
+def scheme_is_exact(ctx: _WithRequest) -> Rejection | None:
     if ctx.request.scheme != SCHEME or ctx.request.requirements.scheme != SCHEME:
         return Rejection(Reason.UNSUPPORTED_SCHEME, f"scheme {ctx.request.scheme!r} is not exact")
     return None
 
 
-def _network(ctx: ExactContext) -> Rejection | None:
+def paid_on_required_network(ctx: _WithRequest) -> Rejection | None:
     if ctx.request.network != ctx.request.requirements.network:
         return Rejection(Reason.NETWORK_MISMATCH,
                          f"paid on {ctx.request.network}, "
@@ -125,8 +133,8 @@ def _signature_present(ctx: ExactContext) -> Rejection | None:
 
 
 ORDERED_CHECKS: tuple[Callable[[ExactContext], Rejection | None], ...] = (
-    _scheme, _network, _accepted_binding, _eip712_domain, _recipient, _value, _valid_before,
-    _valid_after, _signature_present,
+    scheme_is_exact, paid_on_required_network, _accepted_binding, _eip712_domain, _recipient,
+    _value, _valid_before, _valid_after, _signature_present,
 )
 
 

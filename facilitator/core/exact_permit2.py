@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from eth_hash.auto import keccak
 
 from facilitator.core.eip712 import address_word, word
-from facilitator.core.exact import Rejection
+from facilitator.core.exact import Rejection, paid_on_required_network, scheme_is_exact
 from facilitator.core.permit2 import (
     DEADLINE_BUFFER_S,
     SignedTransfer,
@@ -35,7 +35,6 @@ from facilitator.protocol.messages import PaymentRequest
 from facilitator.protocol.permit2 import ExactPermit2Payload, ExactPermitTransfer
 from facilitator.protocol.reasons import Reason
 
-SCHEME = "exact"
 EXACT_PROXY_ADDRESS = "0x402085c248eea27d92e8b30b2c58ed07f9e20001"
 
 EXACT_WITNESS_TYPE = b"Witness(address to,uint256 validAfter)"
@@ -56,20 +55,6 @@ class ExactPermit2Context:
     request: PaymentRequest
     payment: ExactPermit2Payload
     now: int
-
-
-def _scheme(ctx: ExactPermit2Context) -> Rejection | None:
-    if ctx.request.scheme != SCHEME or ctx.request.requirements.scheme != SCHEME:
-        return Rejection(Reason.UNSUPPORTED_SCHEME, f"scheme {ctx.request.scheme!r} is not exact")
-    return None
-
-
-def _network(ctx: ExactPermit2Context) -> Rejection | None:
-    if ctx.request.network != ctx.request.requirements.network:
-        return Rejection(Reason.NETWORK_MISMATCH,
-                         f"paid on {ctx.request.network}, "
-                         f"required {ctx.request.requirements.network}")
-    return None
 
 
 def _spender(ctx: ExactPermit2Context) -> Rejection | None:
@@ -119,8 +104,8 @@ def _signature_present(ctx: ExactPermit2Context) -> Rejection | None:
 
 
 ORDERED_CHECKS: tuple[Callable[[ExactPermit2Context], Rejection | None], ...] = (
-    _scheme, _network, _spender, _recipient, _deadline, _valid_after, _amount, _token,
-    _signature_present,
+    scheme_is_exact, paid_on_required_network, _spender, _recipient, _deadline, _valid_after,
+    _amount, _token, _signature_present,
 )
 
 
