@@ -15,7 +15,6 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-import asyncpg
 from aiohttp import web
 
 from facilitator.adapters.attestations import AttestationStore
@@ -30,6 +29,7 @@ from facilitator.adapters.jsonrpc import JsonRpcClient
 from facilitator.adapters.metrics import Metrics
 from facilitator.adapters.store import Store
 from facilitator.config import NetworkSettings, OgSettings, Secret, Settings, StartupError
+from facilitator.database import connect_store
 from facilitator.http.app import build_http_app, build_metrics_app, status_body
 from facilitator.http.og import AsyncSettlement, add_og_routes
 from facilitator.protocol.networks import Network, NetworkRegistry
@@ -68,20 +68,6 @@ class _NetworkRuntime:
     settler: Settler
     schemes: dict[SchemeKey, Scheme]
     watcher: ChainWatcher
-
-
-async def connect_store(database_url: Secret, **pool: int) -> Store:
-    """The database, or a `StartupError` that says why without the URL (it may hold a
-    password): an unreachable database stops start-up with one line, not a traceback."""
-    try:
-        return await Store.connect(database_url.reveal(), **pool)
-    except ValueError:  # the URL did not parse: its text may hold parts of the password
-        raise StartupError("DATABASE_URL is malformed (is the password URL-encoded?)") from None
-    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError,
-            asyncpg.InterfaceError) as exc:
-        raise StartupError(f"database (DATABASE_URL) unreachable: {type(exc).__name__}: "
-                           f"{str(exc).replace(database_url.reveal(), '***')}") from None
-
 
 
 async def _metrics_and_migrated_store(settings: Settings, **pool: int

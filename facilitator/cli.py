@@ -121,7 +121,7 @@ async def _run_until_signalled(service: _Service) -> None:
 
 
 async def _migrate(args: argparse.Namespace) -> int:
-    from facilitator.app import connect_store
+    from facilitator.database import connect_store
 
     configure_logging("INFO", "text")
     store = await connect_store(Secret(database_url_from_env()), min_size=1, max_size=2)

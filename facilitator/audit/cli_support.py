@@ -9,14 +9,14 @@ from typing import Any
 import asyncpg
 import orjson
 
-from facilitator.adapters.store import Store
-from facilitator.config import database_url_from_env
+from facilitator.config import Secret, database_url_from_env
+from facilitator.database import connect_store
 
 
 async def connect_pool(max_size: int) -> asyncpg.Pool:
-    """A pool on DATABASE_URL (ConfigError when unset), with the service's per-statement
-    timeout; the caller closes it."""
-    store = await Store.connect(database_url_from_env(), min_size=1, max_size=max_size)
+    """A pool on DATABASE_URL (ConfigError when unset, StartupError when unreachable), with
+    the service's per-statement timeout; the caller closes it."""
+    store = await connect_store(Secret(database_url_from_env()), min_size=1, max_size=max_size)
     return store.pool
 
 

@@ -145,6 +145,7 @@ async def test_the_watch_command_exits_with_one_line_on_a_wrong_chain(og_chain,
     ("serve", "Pw-not-to-be-shown-42", "database (DATABASE_URL) unreachable: "),
     ("watch", "Pw-not-to-be-shown-42", "database (DATABASE_URL) unreachable: "),
     ("migrate", "Pw-not-to-be-shown-42", "database (DATABASE_URL) unreachable: "),
+    ("audit settlements", "Pw-not-to-be-shown-42", "database (DATABASE_URL) unreachable: "),
     ("migrate", "p@ss:w0rdSecret", "DATABASE_URL is malformed"),  # '@' and ':' not encoded
 ])
 async def test_an_unusable_database_url_stops_start_up_with_one_line(
@@ -155,7 +156,7 @@ async def test_an_unusable_database_url_stops_start_up_with_one_line(
            "FACILITATOR_EVENT_LOOP": "asyncio"}
     env.pop("FACILITATOR_CONFIG", None)
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "facilitator.cli", command, env=env,
+        sys.executable, "-m", "facilitator.cli", *command.split(), env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     _, stderr = await asyncio.wait_for(process.communicate(), 60)
     text = stderr.decode()
