@@ -22,6 +22,9 @@ from typing import Any
 
 import asyncpg
 
+from facilitator.adapters.store import find_claimed
+from facilitator.core.settlement import SettlementIntent
+
 JOB_PREFIX = "payment-"
 
 
@@ -108,13 +111,10 @@ class JobStore:
             WHERE """ + _LEASED, job.id, job.not_before, status, json.dumps(result), error)
         return done.endswith(" 1")
 
-    async def settlement_state(self, chain_id: int, asset: str, payer: str, nonce: bytes
-                               ) -> str | None:
-        """The state of the settlement row of one authorization (the job's payment), if any."""
-        return await self.pool.fetchval("""
-            SELECT state FROM settlements
-            WHERE chain_id = $1 AND asset = $2 AND payer = $3 AND nonce = $4""",
-            chain_id, bytes.fromhex(asset[2:]), bytes.fromhex(payer[2:]), nonce)
+    async def settlement_state(self, intent: SettlementIntent) -> str | None:
+        """The state of the settlement row holding the job's authorization, if any."""
+        row = await find_claimed(self.pool, intent)
+        return None if row is None else row.state
 
     async def release_all(self) -> int:
         """At start-up (one instance per database): jobs a dead process held run again now."""

@@ -69,7 +69,7 @@ _RECLAIM_FAILED = """
         failed_at = NULL, tx_hash = NULL, raw_tx = NULL, signer = NULL,
         signer_nonce = NULL, gas_limit = NULL, max_fee_per_gas = NULL,
         signed_at = NULL, broadcast_at = NULL, attempts = attempts + 1
-    WHERE id = $1 AND state = 'failed'""" + _RETURNING
+    WHERE id = $1 AND state = 'failed' AND scheme = $13 AND asset = $14""" + _RETURNING
 # An inclusion (seen in a receipt or in the chain watcher's logs) of in-flight rows. `tx_hash`
 # becomes the including transaction; `signed_tx_hash` keeps ours, if we signed one.
 # The watcher may have stored the paying Transfer before the inclusion was known (a front-run
@@ -247,25 +247,21 @@ class Store:
         rec = await self.pool.fetchrow(_CLAIM_PERMIT2 if permit2 else _CLAIM_EIP3009, *values)
         if rec is not None:
             return Claim(SettlementRow.from_record(rec), created=True)
-        if permit2:
-            existing = await self.pool.fetchrow(_CLAIMED_PERMIT2, intent.chain_id,
-                                                address_bytes(intent.payer), intent.nonce)
-        else:
-            existing = await self.pool.fetchrow(
-                _CLAIMED_EIP3009, intent.chain_id, address_bytes(intent.asset),
-                address_bytes(intent.payer), intent.nonce)
+        existing = await find_claimed(self.pool, intent)
         invariant(existing is not None, "a conflicting row must exist")
-        return Claim(SettlementRow.from_record(existing), created=False)
+        return Claim(existing, created=False)
 
     async def reclaim_failed(self, settlement_id: int, intent: SettlementIntent
                              ) -> SettlementRow | None:
         """failed -> pending for a new attempt (possibly with a new payload for the same
-        authorization nonce). Only one concurrent caller wins; the others get None."""
+        authorization nonce). Only one concurrent caller wins; the others get None. The row
+        keeps its scheme and asset, so a payment of another scheme or token (exact and upto
+        share an owner's Permit2 nonces) never takes it over: None."""
         rec = await self.pool.fetchrow(
             _RECLAIM_FAILED, settlement_id, intent.x402_version, intent.network,
             address_bytes(intent.pay_to), intent.amount, intent.valid_after, intent.valid_before,
             intent.signature, intent.fingerprint, address_bytes(intent.call_to), intent.calldata,
-            intent.cap_amount)
+            intent.cap_amount, intent.scheme, address_bytes(intent.asset))
         return None if rec is None else SettlementRow.from_record(rec)
 
     # -- state transitions --------------------------------------------------------------------
@@ -380,6 +376,19 @@ class Store:
 VERIFICATION_COLUMNS = ("at", "endpoint", "request_id", "scheme", "x402_version", "network",
                         "payer", "pay_to", "asset", "amount", "nonce", "valid_before",
                         "fingerprint", "is_valid", "reason")
+
+
+async def find_claimed(pool: asyncpg.Pool, intent: SettlementIntent) -> SettlementRow | None:
+    """The row holding this authorization's claim key (per transfer method: a Permit2 nonce
+    is the owner's whatever the token), if any."""
+    if intent.transfer_method == "permit2":
+        rec = await pool.fetchrow(_CLAIMED_PERMIT2, intent.chain_id,
+                                  address_bytes(intent.payer), intent.nonce)
+    else:
+        rec = await pool.fetchrow(_CLAIMED_EIP3009, intent.chain_id,
+                                  address_bytes(intent.asset), address_bytes(intent.payer),
+                                  intent.nonce)
+    return None if rec is None else SettlementRow.from_record(rec)
 
 
 async def mark_included_on(conn: asyncpg.Pool | asyncpg.Connection,

@@ -131,8 +131,7 @@ class SettleJobWorker:
         if intent is None:
             return False  # answered before any claim (routing)
         try:
-            state = await self._jobs.settlement_state(intent.chain_id, intent.asset,
-                                                      intent.payer, intent.nonce)
+            state = await self._jobs.settlement_state(intent)
         except Exception:  # noqa: BLE001 - unknown
             log.exception("settle job %s: settlement state unknown", job.job_id)
             return True

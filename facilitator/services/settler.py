@@ -140,10 +140,7 @@ class Settler:
         """Another request already claimed this authorization: replay, wait, or take over a
         failed attempt (the only state whose authorization is certainly unconsumed)."""
         same = row.fingerprint == checked.intent.fingerprint
-        # A reclaim keeps the row's scheme and asset: a Permit2 nonce failed under another
-        # scheme or token (exact and upto share the owner's nonces) is not taken over.
-        if row.state == State.FAILED and (row.scheme, row.asset) == (checked.intent.scheme,
-                                                                     checked.intent.asset):
+        if row.state == State.FAILED:
             reclaimed = await self._store.reclaim_failed(row.id, checked.intent)
             if reclaimed is not None:
                 return reclaimed
