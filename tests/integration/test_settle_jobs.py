@@ -111,7 +111,7 @@ async def test_job_survives_a_killed_facilitator_and_settles_exactly_once(chain,
     # Nothing was mined before the kill, so only the second process can have finished the job.
     # `attempts` counts runs that did not end in a pending re-poll: the killed run, unless the
     # kill came after its pending requeue.
-    assert final["attempts"] >= 1, final
+    assert final["attempts"] in (1, 2), final
     sent = await chain.tx_count(Account.from_key(signer_key).address, "latest")
     assert sent == 1 and len(await chain.transfer_logs_to(pay_to)) == 1
 

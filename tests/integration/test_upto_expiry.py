@@ -18,10 +18,11 @@ CAP = 10**17
 UPTO_EXPIRED = "permit2_deadline_expired"
 
 
-async def upto_settle_body(chain, facilitator, deadline: int) -> tuple[dict, str]:
-    """A funded, approved payer's upto /settle body (set up while the chain mines): (body,
-    payTo)."""
+async def upto_settle_body(chain, facilitator, seconds_left: int) -> tuple[dict, str]:
+    """A funded, approved payer's upto /settle body (set up while the chain mines) whose
+    deadline is `seconds_left` after the set-up, however long that took: (body, payTo)."""
     payer, pay_to = await chain.new_upto_payer(), Account.create().address
+    deadline = int(time.time()) + seconds_left
     requirements = upto_requirements(pay_to, CAP, facilitator=facilitator.signer)
     payload = sign_upto(payer, pay_to=pay_to, cap=CAP, facilitator=facilitator.signer,
                         deadline=deadline)
@@ -46,8 +47,9 @@ async def test_dropped_upto_transaction_past_its_deadline_expires_with_the_upto_
     facilitator = await facilitator_factory(signer_key=await chain.new_funded_key(),
                                             FACILITATOR_RECEIPT_TIMEOUT_S="0.5",
                                             FACILITATOR_RESEND_AFTER_S="0.3")
-    deadline = int(time.time()) + 12  # the settle-time check wants at least 6 s
-    body, pay_to = await upto_settle_body(chain, facilitator, deadline)
+    # The settle-time check wants the deadline at least 6 s away.
+    body, pay_to = await upto_settle_body(chain, facilitator, 12)
+    deadline = int(body["paymentPayload"]["payload"]["permit2Authorization"]["deadline"])
     async with chain.manual_mining(mine_on_exit=True):
         tx_hash = await settle_pending(facilitator, body)
         await asyncio.sleep(max(0.0, deadline + 1 - time.time()))  # the tracker's wall clock
@@ -70,7 +72,7 @@ async def test_upto_transaction_mined_after_its_deadline_expires_with_the_upto_r
     `invalid_exact_evm_payload_authorization_valid_before`. Moves the chain clock: runs last."""
     facilitator = await facilitator_factory(signer_key=await chain.new_funded_key(),
                                             FACILITATOR_RECEIPT_TIMEOUT_S="0.5")
-    body, pay_to = await upto_settle_body(chain, facilitator, int(time.time()) + 120)
+    body, pay_to = await upto_settle_body(chain, facilitator, 120)
     async with chain.manual_mining(mine_on_exit=True):
         await settle_pending(facilitator, body)
         await chain.rpc("evm_increaseTime", [3_600])

@@ -57,10 +57,9 @@ def test_the_header_decoder_returns_the_object_and_names_the_header_on_errors():
         assert error.value.field == "x-settlement-data"
 
 
-def test_checksum_address_agrees_with_the_shared_eip55_helper():
-    from facilitator.protocol.fields import to_checksum
+def test_checksum_address_is_eip55():
     lower = "0x4020a4f3b7b90cca423b9fabcc0ce57c6c240002"
-    assert att.checksum_address(lower) == to_checksum(lower)
+    assert att.checksum_address(lower) == "0x4020A4f3b7b90ccA423B9fabCc0CE57C6C240002"
 
 
 def history(*events: tuple[float, str]) -> TeeHistory:
