@@ -14,6 +14,7 @@ from the database (Tracker.sweep).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -41,6 +42,7 @@ AGE_BOUNDS_S = (30.0, 300.0, 3600.0)
 # How far back unmatched transfers are re-linked to late inclusions (bounded work per pass;
 # the tracker records a front-run within seconds of its block).
 LATE_LINK_WINDOW_S = 3600.0
+LATE_LINK_INTERVAL_S = 10.0  # the race it repairs is rare: not a statement per watcher step
 _BUCKET_LABELS = tuple(age_bucket(b) for b in (0.0, *AGE_BOUNDS_S))
 invariant(_BUCKET_LABELS == AGE_BUCKETS, "AGE_BOUNDS_S must match metrics.age_bucket")
 
@@ -52,6 +54,7 @@ class PaymentLogs:
         self._state = state
         self._metrics = metrics
         self._policy = policy
+        self._linked_at = float("-inf")
         # Settlements moved back by a reorg (as they are now), for the tracker of this process.
         self.on_reorged: Callable[[list[SettlementRow]], Awaitable[None]] = _ignore
 
@@ -92,7 +95,9 @@ class PaymentLogs:
 
     async def housekeeping(self, processed: int) -> None:
         await self._unwind_orphaned()
-        await self._state.link_late_inclusions(LATE_LINK_WINDOW_S)
+        if time.monotonic() - self._linked_at >= LATE_LINK_INTERVAL_S:
+            self._linked_at = time.monotonic()
+            await self._state.link_late_inclusions(LATE_LINK_WINDOW_S)
         await self._confirm()
         await self._report_unfinished()
 

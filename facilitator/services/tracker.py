@@ -4,10 +4,10 @@ into an outcome.
 Guarantees:
 - Receipts are fetched in batches once per new head (plus a bounded poll), so 300 transactions in
   flight cost one round trip per block, not 300 per poll. A head counts as checked only after a
-  complete pass, and every `receipt_recheck_s` the receipts are asked again even without a new
-  block: a pass cut short by the node, or a node whose receipts lag its head (load-balanced
-  RPCs), must not leave a mined transaction unnoticed until the next block, which on a quiet
-  chain may never come.
+  complete pass, and `receipt_recheck_s` (3 s) after the last pass the receipts are asked
+  again even without a new block: a pass cut short by the node, or a node whose receipts lag
+  its head (load-balanced RPCs), must not leave a mined transaction unnoticed until the next
+  block, which on a quiet chain may never come.
 - Success means status 1 *and* the asset's Transfer(payer, payTo, amount) log in the receipt.
 - A reverted transaction is checked for front-running: if another transaction consumed the
   authorization (EIP-3009: AuthorizationUsed; exact Permit2: a call of the exact proxy's settle
@@ -114,7 +114,7 @@ class Tracker:
     def __init__(self, *, network: Network, chain: Chain, store: Store, board: OutcomeBoard,
                  metrics: Metrics, poll_interval_s: float = 0.1, resend_after_s: float = 4.0,
                  front_run_lookback_blocks: int = 5_000, adopt_interval_s: float = 10.0,
-                 adopt_grace_s: float = 10.0, receipt_recheck_s: float = 1.0,
+                 adopt_grace_s: float = 10.0, receipt_recheck_s: float = 3.0,
                  clock: Callable[[], float] = time.time) -> None:
         self.network = network
         self._chain = chain
@@ -128,6 +128,8 @@ class Tracker:
         self._inflight: dict[int, InFlight] = {}
         self._wake = asyncio.Event()
         self._last_head = -1
+        # Longer than a Base block (2 s): on a live chain new heads drive the passes and the
+        # recheck only fires on a quiet chain, or to retry a failed pass.
         self._receipt_recheck_s = receipt_recheck_s
         self._checked_at = float("-inf")
         self._pass_failed = False

@@ -326,7 +326,7 @@ async def test_a_front_run_transfer_the_watcher_stored_first_is_linked_to_the_pa
             # repairs its outcome.
             await db_fetch(database_url, "UPDATE chain_transfers SET settlement_id = NULL "
                            "WHERE tx_hash = $1 RETURNING 1", bytes.fromhex(front_run[2:]))
-            await wait_until(linked, what="the watcher to link the transfer again")
+            await wait_until(linked, timeout_s=30, what="the watcher to link the transfer again")
     finally:
         await proxy.stop()
     [row] = await settlement_rows(database_url)
