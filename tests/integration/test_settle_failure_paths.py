@@ -222,8 +222,12 @@ async def test_recovered_pending_row_settled_by_someone_else_is_external(
     intent = scheme.intent(parse_request(body))
     await claim_pending(database_url, intent)
     other = Account.from_key(DEV_KEYS[5]).address  # someone else submits the authorization
-    await chain.rpc("eth_sendTransaction", [{"from": other, "to": intent.call_to,
-                                             "data": "0x" + intent.calldata.hex()}])
+    sent = await chain.rpc("eth_sendTransaction", [{"from": other, "to": intent.call_to,
+                                                    "data": "0x" + intent.calldata.hex()}])
+
+    async def mined() -> bool:  # anvil answers on pool entry; its automine may follow later
+        return await chain.rpc("eth_getTransactionReceipt", [sent]) is not None
+    await wait_until(mined, what="the other sender's transaction to be mined")
     assert len(await chain.transfer_logs_to(pay_to)) == 1
     await facilitator_factory()
 
